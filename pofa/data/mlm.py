@@ -1,0 +1,251 @@
+"""Masked-language-model data: tokenize, pack into fixed-length blocks, cache, batch and mask.
+
+- Packing: documents are tokenized without special tokens and joined with [SEP]; the stream is cut into blocks of
+  `[CLS] + (length - 2) tokens + [SEP]`. No token is dropped except the final remainder, no padding inside blocks.
+- Cache: packed blocks of a map-style corpus are stored as one int32 array on disk (`blocks.npy`), keyed by corpus,
+  tokenizer and length, written atomically, so a rerun skips tokenization and a killed run leaves no half cache.
+- Batches: the position in the data is a pure function of the micro-step, so resuming at step k needs no replay.
+- Masking: 15% of the non-special tokens (80% [MASK], 10% random, 10% kept), from a generator seeded by
+  (seed, micro-step, process): deterministic for a seed and independent of how the run was interrupted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from pofa.data.corpus import CorpusError, corpus_fingerprint, default_cache_dir, describe_source, load_documents
+
+CACHE_FORMAT = 1
+
+
+def pack_blocks(token_lists: Iterable[Sequence[int]], *, block_length: int, cls_id: int, sep_id: int
+                ) -> Iterator[np.ndarray]:
+    """Yield `[CLS] + payload + [SEP]` blocks of `block_length` tokens from documents joined by [SEP].
+
+    The concatenation of all payloads is exactly the document stream (each document followed by [SEP]) minus the
+    final remainder shorter than a payload.
+    """
+    if block_length < 3:
+        raise ValueError(f"block_length must be >= 3, got {block_length}")
+    payload = block_length - 2
+    buffer: list[int] = []
+    start = 0
+    for tokens in token_lists:
+        buffer.extend(tokens)
+        buffer.append(sep_id)
+        while len(buffer) - start >= payload:
+            block = np.empty(block_length, dtype=np.int32)
+            block[0] = cls_id
+            block[1:-1] = buffer[start : start + payload]
+            block[-1] = sep_id
+            start += payload
+            yield block
+        if start > 65536:  # drop consumed tokens now and then, not at every block
+            del buffer[:start]
+            start = 0
+
+
+def tokenize_batches(texts: Iterable[str], tokenizer, batch_size: int = 1000) -> Iterator[list[int]]:
+    """Token ids of each text (no special tokens), tokenized in batches with the fast tokenizer."""
+    batch: list[str] = []
+    for text in texts:
+        if text and not text.isspace():
+            batch.append(text)
+        if len(batch) == batch_size:
+            yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            batch = []
+    if batch:
+        yield from tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    h = hashlib.sha256()
+    h.update(type(tokenizer).__name__.encode())
+    h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+    h.update(json.dumps(getattr(tokenizer, "init_kwargs", {}).get("do_lower_case", None)).encode())
+    return h.hexdigest()[:16]
+
+
+def _special_ids(tokenizer) -> tuple[int, int]:
+    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else tokenizer.bos_token_id
+    sep_id = tokenizer.sep_token_id if tokenizer.sep_token_id is not None else tokenizer.eos_token_id
+    if cls_id is None or sep_id is None or tokenizer.mask_token_id is None:
+        raise CorpusError(f"tokenizer {tokenizer.name_or_path!r} lacks a CLS/BOS, SEP/EOS or MASK token for MLM")
+    return cls_id, sep_id
+
+
+def build_block_cache(sources, tokenizer, block_length: int, cache_dir: str | os.PathLike | None = None,
+                      log=print) -> Path:
+    """Tokenize and pack a map-style corpus once; return the path of its `blocks.npy` (reused when present)."""
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    key = hashlib.sha256(
+        f"{CACHE_FORMAT}:{corpus_fingerprint(sources)}:{tokenizer_fingerprint(tokenizer)}:{block_length}".encode()
+    ).hexdigest()[:20]
+    folder = root / "blocks" / key
+    blocks_path = folder / "blocks.npy"
+    if blocks_path.is_file() and (folder / "meta.json").is_file():
+        return blocks_path
+    documents = load_documents(sources, cache_dir=str(root / "datasets"))
+    cls_id, sep_id = _special_ids(tokenizer)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=folder.parent))
+    try:
+        raw_path = tmp / "blocks.int32"
+        count = 0
+        with open(raw_path, "wb") as raw:
+            chunk: list[np.ndarray] = []
+            for block in pack_blocks(tokenize_batches((row["text"] for row in documents), tokenizer),
+                                     block_length=block_length, cls_id=cls_id, sep_id=sep_id):
+                chunk.append(block)
+                if len(chunk) == 4096:
+                    raw.write(np.stack(chunk).tobytes())
+                    count += len(chunk)
+                    chunk = []
+            if chunk:
+                raw.write(np.stack(chunk).tobytes())
+                count += len(chunk)
+        if count == 0:
+            raise CorpusError(
+                f"the corpus ({', '.join(describe_source(s) for s in sources)}) gives no complete block of "
+                f"{block_length} tokens; add text or lower data.max_seq_length")
+        array = np.lib.format.open_memmap(tmp / "blocks.npy", mode="w+", dtype=np.int32, shape=(count, block_length))
+        array[:] = np.memmap(raw_path, dtype=np.int32, mode="r", shape=(count, block_length))
+        array.flush()
+        del array
+        raw_path.unlink()
+        (tmp / "meta.json").write_text(json.dumps({
+            "blocks": count, "block_length": block_length, "tokenizer": tokenizer.name_or_path,
+            "sources": [describe_source(s) for s in sources], "format": CACHE_FORMAT}))
+        try:
+            os.replace(tmp, folder)  # atomic: the cache folder either is complete or does not exist
+        except OSError:
+            if not blocks_path.is_file():  # another process won the race with the same content
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log(f"tokenized corpus cached: {count} blocks of {block_length} tokens in {folder}")
+    return blocks_path
+
+
+@dataclass(frozen=True)
+class BlockSplit:
+    """Packed blocks split into training and held-out indices (a fixed, seeded split)."""
+
+    blocks: np.ndarray  # [num_blocks, block_length] int32 (a memory map)
+    train_indices: np.ndarray
+    eval_indices: np.ndarray
+
+
+def split_blocks(blocks: np.ndarray, *, eval_fraction: float, max_eval_blocks: int, seed: int) -> BlockSplit:
+    n = len(blocks)
+    n_eval = min(max_eval_blocks, int(round(n * eval_fraction)))
+    if eval_fraction > 0 and n_eval == 0 and n > 1:
+        n_eval = 1
+    order = np.random.default_rng(seed).permutation(n)
+    return BlockSplit(blocks, np.sort(order[n_eval:]), np.sort(order[:n_eval]))
+
+
+def batch_indices(micro_step: int, *, num_examples: int, per_device_batch_size: int, num_processes: int,
+                  process_index: int, seed: int) -> np.ndarray:
+    """Indices (into the training set) of one process's batch at a global micro-step.
+
+    Every micro-step consumes one global batch of `per_device_batch_size * num_processes` examples from a seeded
+    permutation of the epoch; an epoch's last incomplete global batch is skipped so that all batches are full. Being a
+    pure function of the micro-step, it makes resumption exact without replaying the data.
+    """
+    global_batch = per_device_batch_size * num_processes
+    batches_per_epoch = num_examples // global_batch
+    if batches_per_epoch == 0:
+        raise CorpusError(f"the training set has {num_examples} blocks, fewer than one global batch of "
+                          f"{global_batch} (per_device_batch_size x processes); add data or lower the batch size")
+    epoch, batch = divmod(micro_step, batches_per_epoch)
+    order = np.random.default_rng([seed, epoch]).permutation(num_examples)
+    start = batch * global_batch + process_index * per_device_batch_size
+    return order[start : start + per_device_batch_size]
+
+
+def step_generator(seed: int, micro_step: int, process_index: int, device: torch.device | str = "cpu"
+                   ) -> torch.Generator:
+    state = np.random.SeedSequence([seed, micro_step, process_index]).generate_state(2, dtype=np.uint64)
+    g = torch.Generator(device=device)
+    g.manual_seed(int(state[0] >> np.uint64(1)))
+    return g
+
+
+def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, special_ids: Sequence[int],
+                mlm_probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: returns (inputs, labels); labels are -100 except at the selected positions.
+
+    Of the non-special positions, each is selected with probability `mlm_probability`; a selected position becomes
+    [MASK] with probability 0.8, a random token with 0.1, and is left unchanged with 0.1.
+    """
+    labels = input_ids.clone()
+    special = torch.isin(input_ids, torch.as_tensor(list(special_ids), device=input_ids.device))
+    probability = torch.full(input_ids.shape, mlm_probability, device=input_ids.device)
+    probability.masked_fill_(special, 0.0)
+    selected = torch.bernoulli(probability, generator=generator).bool()
+    labels[~selected] = -100
+    inputs = input_ids.clone()
+    replace = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=input_ids.device), generator=generator).bool()
+    replace &= selected
+    inputs[replace] = mask_token_id
+    # Half of the remaining 20% get a random token: 0.5 of (selected and not replaced).
+    randomize = torch.bernoulli(torch.full(input_ids.shape, 0.5, device=input_ids.device), generator=generator).bool()
+    randomize &= selected & ~replace
+    random_tokens = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    inputs[randomize] = random_tokens[randomize]
+    return inputs, labels
+
+
+class MLMBatcher:
+    """Turns (micro-step, process) into a masked batch of tensors, deterministically."""
+
+    def __init__(self, split: BlockSplit, tokenizer, *, per_device_batch_size: int, num_processes: int,
+                 process_index: int, seed: int, mlm_probability: float):
+        self.split = split
+        self.per_device_batch_size = per_device_batch_size
+        self.num_processes = num_processes
+        self.process_index = process_index
+        self.seed = seed
+        self.mlm_probability = mlm_probability
+        self.mask_token_id = tokenizer.mask_token_id
+        self.vocab_size = len(tokenizer)
+        self.special_ids = sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
+                                               tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None})
+
+    def _masked(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
+        input_ids = torch.from_numpy(np.asarray(self.split.blocks[rows], dtype=np.int64))
+        inputs, labels = mask_tokens(input_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                                     special_ids=self.special_ids, mlm_probability=self.mlm_probability,
+                                     generator=generator)
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}
+
+    def train_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
+        local = batch_indices(micro_step, num_examples=len(self.split.train_indices),
+                              per_device_batch_size=self.per_device_batch_size, num_processes=self.num_processes,
+                              process_index=self.process_index, seed=self.seed)
+        rows = self.split.train_indices[local]
+        return self._masked(rows, step_generator(self.seed, micro_step, self.process_index))
+
+    def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
+        """The held-out blocks, sharded over processes, masked identically at every evaluation."""
+        indices = self.split.eval_indices[self.process_index :: self.num_processes]
+        size = self.per_device_batch_size
+        for number, start in enumerate(range(0, len(indices), size)):
+            if max_batches is not None and number >= max_batches:
+                return
+            yield self._masked(indices[start : start + size], step_generator(self.seed + 1, number, self.process_index))
+
+    def tokens_per_micro_step(self) -> int:
+        return self.per_device_batch_size * self.split.blocks.shape[1]

@@ -1,0 +1,104 @@
+"""The parts every training loop of pofa shares: step arithmetic, the optimizer, the learning rate.
+
+Steps are optimizer steps. One optimizer step is `gradient_accumulation_steps` micro-steps on every process; a
+micro-step consumes `per_device_batch_size` examples on each of `num_processes` processes. `StepPlan` owns that
+arithmetic; nothing else in pofa multiplies those numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    max_steps: int
+    per_device_batch_size: int
+    gradient_accumulation_steps: int
+    num_processes: int
+    warmup_steps: int
+
+    @property
+    def global_batch_size(self) -> int:
+        """Examples per optimizer step, over all processes and micro-steps."""
+        return self.per_device_batch_size * self.gradient_accumulation_steps * self.num_processes
+
+    @property
+    def micro_steps(self) -> int:
+        """Micro-steps each process runs in the whole run."""
+        return self.max_steps * self.gradient_accumulation_steps
+
+    def micro_step(self, step: int, accumulation_index: int) -> int:
+        """Index of the global micro-step `accumulation_index` of optimizer step `step` (both from 0)."""
+        if not 0 <= accumulation_index < self.gradient_accumulation_steps:
+            raise ValueError(f"accumulation_index {accumulation_index} outside [0, {self.gradient_accumulation_steps})")
+        return step * self.gradient_accumulation_steps + accumulation_index
+
+    def examples_seen(self, steps: int) -> int:
+        return steps * self.global_batch_size
+
+    def epochs_seen(self, steps: int, num_examples: int) -> float:
+        return self.examples_seen(steps) / num_examples
+
+
+def plan_steps(*, max_steps: int, per_device_batch_size: int, gradient_accumulation_steps: int, num_processes: int,
+               warmup_ratio: float = 0.0, warmup_steps: int | None = None) -> StepPlan:
+    """The run's step arithmetic; warm-up is `warmup_steps` if given, else ceil(warmup_ratio * max_steps)."""
+    warmup = warmup_steps if warmup_steps is not None else math.ceil(warmup_ratio * max_steps)
+    return StepPlan(max_steps, per_device_batch_size, gradient_accumulation_steps, num_processes, warmup)
+
+
+def steps_for_epochs(*, num_examples: int, epochs: float, per_device_batch_size: int, gradient_accumulation_steps: int,
+                     num_processes: int) -> int:
+    """Optimizer steps needed to see `epochs` passes over `num_examples` (at least one step)."""
+    per_step = per_device_batch_size * gradient_accumulation_steps * num_processes
+    return max(1, math.ceil(epochs * num_examples / per_step))
+
+
+def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str = "linear",
+                  warmup_from: int = 0) -> float:
+    """Factor applied to the peak learning rate for the optimizer step `step` (counted from 0).
+
+    Linear warm-up over `warmup_steps` starting at `warmup_from` (a later start rewinds the warm-up, as at a
+    pruning event), then linear decay to 0 at `max_steps` (`schedule="linear"`) or constant.
+    """
+    decay = 1.0
+    if schedule == "linear":
+        decay = max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps)) if step >= warmup_steps else 1.0
+    elif schedule != "constant":
+        raise ValueError(f"unknown learning-rate schedule {schedule!r}")
+    since = step - warmup_from
+    warm = min(1.0, (since + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+    return min(warm, decay) if since < warmup_steps else decay
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices only.
+
+    Biases and LayerNorm weights (every tensor with dim < 2) get none: decaying a LayerNorm gain towards zero
+    fights the normalisation it exists for.
+    """
+    decay, no_decay = [], []
+    for _, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if param.dim() >= 2 else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: float, betas=(0.9, 0.999),
+                    eps: float = 1e-8) -> torch.optim.AdamW:
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+
+
+def count_parameters(params: Iterable[torch.Tensor]) -> int:
+    return sum(p.numel() for p in params)

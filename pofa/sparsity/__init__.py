@@ -1,0 +1,34 @@
+"""Gradual magnitude pruning: when (schedule), what (masks), and keeping zeros at zero under any optimizer (optim)."""
+
+from pofa.sparsity.masks import (
+    DEFAULT_TARGETS,
+    POOLER_TARGET,
+    MaskFileError,
+    MaskStore,
+    MaskViolationError,
+    bind_masks,
+    check_masks,
+    format_sparsity_table,
+    magnitude_masks,
+    select_targets,
+    sparsity_report,
+)
+from pofa.sparsity.optim import MaskGuard
+from pofa.sparsity.schedule import cubic_sparsity, is_pruning_step
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "POOLER_TARGET",
+    "MaskFileError",
+    "MaskGuard",
+    "MaskStore",
+    "MaskViolationError",
+    "bind_masks",
+    "check_masks",
+    "cubic_sparsity",
+    "format_sparsity_table",
+    "is_pruning_step",
+    "magnitude_masks",
+    "select_targets",
+    "sparsity_report",
+]

@@ -1,0 +1,757 @@
+"""Magnitude masks and the one object that holds them.
+
+A mask is a bool tensor shaped like the weight it belongs to, True = kept, False = pruned. All masks of a run live
+in one :class:`MaskStore` (name -> mask), keyed by the parameter names of the model they were made on
+(``bert.encoder.layer.0.attention.self.query.weight``). The store is saved beside every checkpoint, bit-packed, and
+every later stage (sparse transfer, QAT) starts from it; :meth:`MaskStore.bind` resolves its names on another model of
+the same family (task head vs base model, DDP / ``torch.compile`` / DeepSpeed wrappers).
+
+Typical use::
+
+    store = MaskStore.dense(model.named_parameters())          # selects DEFAULT_TARGETS, all kept
+    weights = {name: param.detach() for name, param in store.bind(model).items()}
+    newly_pruned = store.update(magnitude_masks(weights, 0.9, previous=store))
+    check_masks(model, store)                                    # after zeroing (see pofa.sparsity.optim.MaskGuard)
+    print(format_sparsity_table(sparsity_report(model, store)))
+
+Sharded parameters (DeepSpeed ZeRO-3, FSDP2 DTensor) are read through :func:`gathered_param`, which is a collective
+on those backends: call :func:`check_masks` and :func:`sparsity_report` on every rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "POOLER_TARGET",
+    "MaskFileError",
+    "MaskStore",
+    "MaskViolationError",
+    "bind_masks",
+    "check_masks",
+    "deepspeed_master_weight",
+    "format_sparsity_table",
+    "gathered_param",
+    "magnitude_masks",
+    "param_shape",
+    "select_targets",
+    "sparsity_report",
+    "unwrap_model",
+]
+
+# Every Linear weight inside the transformer blocks. `(^|\.)` lets the same patterns match `bert.encoder...`,
+# `roberta.encoder...`, a bare `encoder...` and wrapped names such as `module.bert.encoder...`.
+DEFAULT_TARGETS: tuple[str, ...] = (
+    r"(^|\.)encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight$",
+    r"(^|\.)encoder\.layer\.\d+\.attention\.output\.dense\.weight$",
+    r"(^|\.)encoder\.layer\.\d+\.(intermediate|output)\.dense\.weight$",
+    # DistilBERT
+    r"(^|\.)transformer\.layer\.\d+\.attention\.(q_lin|k_lin|v_lin|out_lin)\.weight$",
+    r"(^|\.)transformer\.layer\.\d+\.ffn\.(lin1|lin2)\.weight$",
+)
+"""Regexes (``re.search`` over parameter names) for the encoder Linear weights of BERT-family models."""
+
+POOLER_TARGET: str = r"(^|\.)pooler\.dense\.weight$"
+"""Regex for the pooler dense weight; dense by default, add it to ``include`` to prune it too."""
+
+_MASK_FILE_FORMAT = "pofa.masks"
+_MASK_FILE_VERSION = "1"
+_BITORDER: Literal["little"] = "little"
+
+# Children that wrappers register around the real model, and the name components they add.
+_WRAPPER_CHILDREN = ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+_WRAPPER_TOKENS = re.compile(r"(?:^|(?<=\.))(?:_orig_mod|_fsdp_wrapped_module|_checkpoint_wrapped_module)\.")
+
+
+class MaskViolationError(RuntimeError):
+    """A weight at a pruned position is non-zero."""
+
+
+class MaskFileError(ValueError):
+    """A mask file exists but cannot be read as a pofa mask file."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Parameters of sharded backends
+
+
+def param_shape(param: Tensor) -> torch.Size:
+    """The global (unsharded) shape of ``param``.
+
+    DeepSpeed ZeRO-3 keeps an empty placeholder in ``param.data`` and the real shape in ``param.ds_shape``; DTensor
+    (FSDP2) parameters already report their global shape.
+    """
+    return torch.Size(getattr(param, "ds_shape", param.shape))
+
+
+def _is_zero3(param: Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # builds without torch.distributed
+        return False
+    return isinstance(tensor, DTensor)
+
+
+@contextlib.contextmanager
+def gathered_param(param: Tensor, *, modify: bool = False) -> Iterator[Tensor]:
+    """Yield the full, unsharded visible value of ``param`` (the tensor the forward pass uses).
+
+    Plain parameters are yielded as ``param.data`` (no copy). DTensor (FSDP2) parameters are all-gathered into a new
+    tensor; with ``modify=True`` the yielded tensor is written back to the local shard on exit. DeepSpeed ZeRO-3
+    parameters are gathered with ``deepspeed.zero.GatheredParameters``; with ``modify=True`` rank 0's value is
+    re-partitioned on exit, so every rank must make the same change. Sharded cases are collectives: call on every
+    rank, in the same order.
+    """
+    if _is_zero3(param):
+        import deepspeed  # only reachable when deepspeed already made this a ZeRO-3 parameter
+
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0 if modify else None):
+            yield param.data
+        return
+    if _is_dtensor(param):
+        from torch.distributed.tensor import distribute_tensor
+
+        full = param.detach().full_tensor()
+        yield full
+        if modify:
+            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
+            with torch.no_grad():
+                param.to_local().copy_(local)
+        return
+    yield param.data
+
+
+def deepspeed_master_weight(param: Tensor) -> Tensor | None:
+    """DeepSpeed's full fp32 master copy of ``param``, or None when DeepSpeed does not manage it.
+
+    Uses ``deepspeed.utils.safe_get_full_fp32_param`` (ZeRO-1/2/3 and the bf16 optimizer), which is a collective:
+    call on every rank, in the same order. Never imports deepspeed itself: a parameter can only carry DeepSpeed's
+    attributes if deepspeed was imported already.
+    """
+    if "deepspeed" not in sys.modules or not (_is_zero3(param) or hasattr(param, "_hp_mapping")):
+        return None
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    return safe_get_full_fp32_param(param)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Target selection
+
+
+def _compile_patterns(argument: str, patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    if isinstance(patterns, str):
+        raise ValueError(f"{argument} must be a sequence of regexes, not a single string: {patterns!r}")
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as error:
+            raise ValueError(f"invalid regex in {argument}: {pattern!r} ({error})") from error
+    return compiled
+
+
+def select_targets(
+    named_parameters: Iterable[tuple[str, Tensor]],
+    include: Sequence[str] = DEFAULT_TARGETS,
+    exclude: Sequence[str] = (),
+) -> list[str]:
+    """Names of the parameters to prune: matching some ``include`` regex, no ``exclude`` regex, at least 2-D.
+
+    Order follows ``named_parameters``. ``re.search`` semantics, so patterns match anywhere unless anchored.
+
+    Raises:
+        ValueError: if a regex is invalid (naming it), or if nothing matches (naming the patterns and showing a few
+            parameter names).
+    """
+    include_patterns = _compile_patterns("include", include)
+    exclude_patterns = _compile_patterns("exclude", exclude)
+    seen: list[str] = []
+    selected: list[str] = []
+    for name, param in named_parameters:
+        seen.append(name)
+        # Biases and LayerNorm weights are 1-D: pruning them saves nothing and hurts accuracy.
+        if len(param_shape(param)) < 2:
+            continue
+        if any(p.search(name) for p in include_patterns) and not any(p.search(name) for p in exclude_patterns):
+            selected.append(name)
+    if not selected:
+        sample = ", ".join(seen[:6]) + (", ..." if len(seen) > 6 else "")
+        raise ValueError(
+            f"no parameter of dim >= 2 matches include={list(include)} and not exclude={list(exclude)}; "
+            f"the {len(seen)} parameter names look like: {sample or '(none)'}"
+        )
+    return selected
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Magnitude masks
+
+# Scores are |w| in float32 reinterpreted as int32: for non-negative floats the bit pattern is monotonic in the
+# value, so an exact integer binary search finds the k-th smallest score without sorting or concatenating tensors.
+_PREVIOUSLY_PRUNED = -1
+_KEY_LOW, _KEY_HIGH = _PREVIOUSLY_PRUNED, 2**31 - 1
+
+
+def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
+    key = weight.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
+    if previous is not None:
+        # Previously pruned positions rank below every weight, even an exact 0.0, so they are pruned first.
+        key = key.masked_fill(~previous.reshape(-1).to(key.device), _PREVIOUSLY_PRUNED)
+    return key
+
+
+def _kth_smallest(count_at_most: Any, k: int) -> int:
+    """Smallest integer key t with count_at_most(t) >= k (k >= 1)."""
+    low, high = _KEY_LOW, _KEY_HIGH
+    while low < high:
+        middle = (low + high) // 2
+        if count_at_most(middle) >= k:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+def _prune_lowest(names: Sequence[str], score_of: Any, prune: int) -> dict[str, Tensor]:
+    """Flat keep-masks pruning exactly ``prune`` positions with the lowest scores over all ``names``.
+
+    Ties at the threshold are broken by position: earlier names first, then lower flat index, so equal inputs give
+    equal masks on every process.
+    """
+    if prune == 0:
+        return {name: torch.ones_like(score_of(name), dtype=torch.bool) for name in names}
+
+    def count_at_most(threshold: int) -> int:
+        return sum(int((score_of(name) <= threshold).sum()) for name in names)
+
+    threshold = _kth_smallest(count_at_most, prune)
+    remaining = prune - count_at_most(threshold - 1)
+    masks = {}
+    for name in names:
+        score = score_of(name)
+        drop = score < threshold
+        if remaining > 0:
+            tied = torch.nonzero(score == threshold).reshape(-1)[:remaining]
+            drop[tied] = True
+            remaining -= tied.numel()
+        masks[name] = ~drop
+    return masks
+
+
+def _validate_mask_inputs(
+    weights: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+) -> None:
+    if not weights:
+        raise ValueError("weights is empty: nothing to prune")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity <= 1.0:
+        raise ValueError(f"sparsity must be a number in [0, 1], got {sparsity!r}")
+    if scope not in ("layer", "global"):
+        raise ValueError(f"scope must be 'layer' or 'global', got {scope!r}")
+    for name, weight in weights.items():
+        if not torch.is_floating_point(weight):
+            raise ValueError(f"weights[{name!r}] must be a floating-point tensor, got {weight.dtype}")
+        if previous is None:
+            continue
+        if name not in previous:
+            raise ValueError(f"previous has no mask for {name!r}")
+        mask = previous[name]
+        if mask.dtype != torch.bool or mask.shape != weight.shape:
+            raise ValueError(
+                f"previous[{name!r}] must be a bool tensor of shape {tuple(weight.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+
+
+def magnitude_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    *,
+    scope: Literal["layer", "global"] = "layer",
+    previous: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Keep-masks (bool, True = kept) that prune the smallest-magnitude weights.
+
+    ``scope="layer"``: each tensor gets exactly ``round(sparsity * numel)`` zeros. ``scope="global"``: one magnitude
+    threshold over all tensors, exactly ``round(sparsity * total_numel)`` zeros in all. A position pruned in
+    ``previous`` (a mapping or a :class:`MaskStore`) stays pruned: such positions rank below every weight, and when
+    ``sparsity`` is below the previous sparsity all previous zeros are kept (never revived), so the count is then
+    the previous count. Ties are broken by flat index (and, for global scope, by name order), so the same inputs
+    give the same masks on every process and device. Scores are computed in float32 whatever the weights' dtype;
+    masks are on each weight's device. Memory stays at a few copies of the largest single tensor.
+
+    Raises:
+        ValueError: on empty ``weights``, a non-float weight, ``sparsity`` outside [0, 1], an unknown ``scope``, or a
+            ``previous`` mask that is missing, not bool, or shaped differently from its weight.
+    """
+    _validate_mask_inputs(weights, sparsity, scope, previous)
+    names = list(weights)
+    numel = {name: weights[name].numel() for name in names}
+
+    def previous_of(name: str) -> Tensor | None:
+        return None if previous is None else previous[name]
+
+    def previously_pruned(name_list: Iterable[str]) -> int:
+        return sum(int((~previous[name]).sum()) for name in name_list) if previous is not None else 0
+
+    flat: dict[str, Tensor] = {}
+    if scope == "layer":
+        for name in names:
+            score = _scores(weights[name], previous_of(name))
+            prune = max(round(sparsity * numel[name]), previously_pruned([name]))
+            flat.update(_prune_lowest([name], lambda _name, s=score: s, prune))
+    else:
+        # Recomputing the scores per pass keeps memory at one tensor's worth instead of a copy of all weights.
+        order = sorted(names)
+        prune = max(round(sparsity * sum(numel.values())), previously_pruned(order))
+        flat = _prune_lowest(order, lambda name: _scores(weights[name], previous_of(name)), prune)
+    return {name: flat[name].reshape(weights[name].shape) for name in names}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Resolving mask names on a model
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DeepSpeed / ``torch.compile`` / FSDP1 wrappers (a wrapper has that one child)."""
+    while True:
+        children = dict(model.named_children())
+        if len(children) != 1:
+            return model
+        (child_name, child), = children.items()
+        if child_name not in _WRAPPER_CHILDREN:
+            return model
+        model = child
+
+
+def _normalize_name(name: str) -> str:
+    name = _WRAPPER_TOKENS.sub("", name)
+    while name.startswith("module."):
+        name = name[len("module.") :]
+    return name
+
+
+def _strip_prefix(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1 :] if prefix and name.startswith(prefix + ".") else name
+
+
+def _format_names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def bind_masks(model: nn.Module, store: MaskStore) -> dict[str, nn.Parameter]:
+    """Resolve every mask name in ``store`` to a parameter of ``model``: mask name -> parameter.
+
+    Exact names match first. Otherwise names are compared after removing wrapper components (a leading
+    ``module.``, ``_orig_mod.``, ``_fsdp_wrapped_module.``) and the model's ``base_model_prefix`` (``bert``), so masks
+    made on ``BertForMaskedLM`` (``bert.encoder...``) bind to ``BertModel`` (``encoder...``) and to
+    ``BertForSequenceClassification`` (``bert.encoder...``), wrapped or not.
+
+    Raises:
+        ValueError: naming every mask that resolves to no parameter and every shape mismatch.
+    """
+    named = list(model.named_parameters())
+    exact = {name: param for name, param in named}
+    prefix = getattr(unwrap_model(model), "base_model_prefix", "") or ""
+    canonical: dict[str, nn.Parameter | None] = {}
+    for name, param in named:
+        key = _strip_prefix(_normalize_name(name), prefix)
+        # Two parameters with one canonical name cannot be told apart: mark ambiguous rather than guess.
+        canonical[key] = None if key in canonical else param
+
+    bound: dict[str, nn.Parameter] = {}
+    missing: list[str] = []
+    mismatched: list[str] = []
+    for mask_name in store.names():
+        param = exact.get(mask_name)
+        if param is None:
+            param = canonical.get(_strip_prefix(_normalize_name(mask_name), prefix))
+        if param is None:
+            missing.append(mask_name)
+        elif param_shape(param) != store[mask_name].shape:
+            mismatched.append(f"{mask_name}: mask {tuple(store[mask_name].shape)} vs parameter {tuple(param_shape(param))}")
+        else:
+            bound[mask_name] = param
+    if missing or mismatched:
+        problems = []
+        if missing:
+            problems.append(f"no parameter for masks: {_format_names(missing)}")
+        if mismatched:
+            problems.append(f"shape mismatch: {_format_names(mismatched)}")
+        sample = _format_names([name for name, _ in named], limit=4)
+        raise ValueError(
+            f"cannot bind masks to {type(unwrap_model(model)).__name__} (base_model_prefix={prefix!r}): "
+            + "; ".join(problems)
+            + f". The model's parameters look like: {sample}"
+        )
+    return bound
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The mask store
+
+
+def _as_mask(name: str, mask: Tensor) -> Tensor:
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"mask {name!r} must be a bool tensor, got {got}")
+    return mask
+
+
+def _pack(mask: Tensor) -> Tensor:
+    bits = np.packbits(mask.detach().to("cpu").reshape(-1).numpy(), bitorder=_BITORDER)
+    return torch.from_numpy(bits)
+
+
+def _unpack(packed: np.ndarray, shape: Sequence[int], where: str) -> Tensor:
+    numel = math.prod(shape)
+    if packed.dtype != np.uint8 or packed.ndim != 1 or packed.size != (numel + 7) // 8:
+        raise MaskFileError(
+            f"{where}: packed mask has {packed.size} {packed.dtype} bytes, expected {(numel + 7) // 8} uint8 "
+            f"for shape {list(shape)}"
+        )
+    bits = np.unpackbits(packed, count=numel, bitorder=_BITORDER).astype(bool)
+    return torch.from_numpy(bits).reshape(tuple(shape))
+
+
+class MaskStore:
+    """The masks of one run: parameter name -> bool tensor (True = kept).
+
+    Names are the parameter names of the model the masks were made on; :meth:`bind` resolves them on other models.
+    :meth:`update` changes masks in place, so code holding a mask tensor sees new masks; :attr:`version` increases on
+    every change so caches of derived tensors (e.g. local shards) know when to refresh.
+    """
+
+    def __init__(self, masks: Mapping[str, Tensor] | None = None) -> None:
+        self._masks: dict[str, Tensor] = {name: _as_mask(name, mask) for name, mask in (masks or {}).items()}
+        self._version = 0
+
+    # --- construction -------------------------------------------------------------------------------------------
+    @classmethod
+    def dense(
+        cls,
+        named_parameters: Iterable[tuple[str, Tensor]],
+        include: Sequence[str] = DEFAULT_TARGETS,
+        exclude: Sequence[str] = (),
+    ) -> MaskStore:
+        """All-kept masks for the selected targets (the start of gradual pruning)."""
+        params = dict(named_parameters)
+        names = select_targets(params.items(), include, exclude)
+        return cls({name: torch.ones(param_shape(params[name]), dtype=torch.bool, device=params[name].device) for name in names})
+
+    @classmethod
+    def from_zeros(
+        cls,
+        named_parameters: Iterable[tuple[str, Tensor]],
+        include: Sequence[str] = DEFAULT_TARGETS,
+        exclude: Sequence[str] = (),
+    ) -> MaskStore:
+        """Masks that keep exactly the non-zero weights of the selected targets.
+
+        Locks the pattern of a sparse checkpoint that was published without a mask file. Needs unsharded weights.
+        """
+        params = dict(named_parameters)
+        names = select_targets(params.items(), include, exclude)
+        return cls({name: params[name].detach() != 0 for name in names})
+
+    # --- mapping protocol ---------------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self._masks)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._masks
+
+    def __getitem__(self, name: str) -> Tensor:
+        try:
+            return self._masks[name]
+        except KeyError:
+            raise KeyError(f"no mask named {name!r}; the store has {_format_names(list(self._masks), 4)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._masks)
+
+    def names(self) -> list[str]:
+        """Mask names, in insertion order."""
+        return list(self._masks)
+
+    def keys(self) -> list[str]:
+        """Same as :meth:`names` (lets a store pass where a mapping is expected)."""
+        return self.names()
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """(name, mask) pairs; the masks are the stored tensors, not copies."""
+        return list(self._masks.items())
+
+    @property
+    def version(self) -> int:
+        """Increases whenever a mask changes or moves."""
+        return self._version
+
+    def __repr__(self) -> str:
+        return f"MaskStore({len(self)} masks, sparsity={self.sparsity():.4f})"
+
+    # --- changes ------------------------------------------------------------------------------------------------
+    def update(self, new_masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Replace masks by ``new_masks``; return the newly pruned positions (kept before, pruned now) per name.
+
+        Existing masks are overwritten in place (same tensor objects, same devices); unknown names are added. A
+        position may be revived by the new mask; it is simply not reported (magnitude_masks never revives).
+
+        Raises:
+            ValueError: if a new mask is not bool or its shape differs from the stored mask.
+        """
+        for name, mask in new_masks.items():
+            _as_mask(name, mask)
+            if name in self._masks and self._masks[name].shape != mask.shape:
+                raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, stored {tuple(self._masks[name].shape)}")
+        newly_pruned = {}
+        for name, mask in new_masks.items():
+            current = self._masks.get(name)
+            if current is None:
+                self._masks[name] = mask.detach().clone()
+                newly_pruned[name] = ~self._masks[name]
+            else:
+                mask = mask.to(current.device)
+                newly_pruned[name] = current & ~mask
+                current.copy_(mask)
+        self._version += 1
+        return newly_pruned
+
+    def to(self, device: torch.device | str) -> MaskStore:
+        """Move every mask to ``device`` (in place on the store) and return the store."""
+        self._masks = {name: mask.to(device) for name, mask in self._masks.items()}
+        self._version += 1
+        return self
+
+    def bind(self, model: nn.Module) -> dict[str, nn.Parameter]:
+        """Mask name -> parameter of ``model``; see :func:`bind_masks`."""
+        return bind_masks(model, self)
+
+    # --- statistics ---------------------------------------------------------------------------------------------
+    def layer_sparsity(self) -> dict[str, float]:
+        """Fraction of pruned positions per mask."""
+        return {name: 1.0 - int(mask.sum()) / max(mask.numel(), 1) for name, mask in self._masks.items()}
+
+    def sparsity(self) -> float:
+        """Fraction of pruned positions over all masks (0.0 for an empty store)."""
+        total = sum(mask.numel() for mask in self._masks.values())
+        kept = sum(int(mask.sum()) for mask in self._masks.values())
+        return 1.0 - kept / total if total else 0.0
+
+    # --- persistence --------------------------------------------------------------------------------------------
+    def _metadata(self) -> dict[str, Any]:
+        return {
+            "format": _MASK_FILE_FORMAT,
+            "format_version": _MASK_FILE_VERSION,
+            "bitorder": _BITORDER,
+            "shapes": {name: list(mask.shape) for name, mask in self._masks.items()},
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the masks as bit-packed safetensors (1 bit per weight; shapes in the metadata), atomically."""
+        from safetensors.numpy import save_file
+
+        path = os.fspath(path)
+        meta = self._metadata()
+        metadata = {key: json.dumps(value) if key == "shapes" else value for key, value in meta.items()}
+        arrays = {name: _pack(mask).numpy() for name, mask in self._masks.items()}
+        directory = os.path.dirname(os.path.abspath(path))
+        # Write-then-rename: a crash mid-save must not leave a truncated mask file beside a good checkpoint.
+        fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".tmp", dir=directory)
+        os.close(fd)
+        try:
+            save_file(arrays, tmp, metadata=metadata)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> MaskStore:
+        """Read a file written by :meth:`save`.
+
+        Raises:
+            FileNotFoundError: if ``path`` does not exist (naming it).
+            MaskFileError: if it is not a readable pofa mask file (naming it and what is wrong).
+        """
+        from safetensors import safe_open
+
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"mask file not found: {path}")
+        try:
+            with safe_open(path, framework="np") as handle:
+                metadata = handle.metadata() or {}
+                arrays = {name: handle.get_tensor(name) for name in handle.keys()}
+        except Exception as error:  # safetensors raises its own error types for every kind of damage
+            raise MaskFileError(f"{path}: not a readable safetensors mask file ({error})") from error
+        if metadata.get("format") != _MASK_FILE_FORMAT or metadata.get("format_version") != _MASK_FILE_VERSION:
+            raise MaskFileError(
+                f"{path}: metadata says format={metadata.get('format')!r} version={metadata.get('format_version')!r}, "
+                f"expected {_MASK_FILE_FORMAT!r} version {_MASK_FILE_VERSION!r}"
+            )
+        try:
+            shapes = json.loads(metadata["shapes"])
+        except (KeyError, json.JSONDecodeError) as error:
+            raise MaskFileError(f"{path}: metadata 'shapes' is missing or not JSON ({error})") from error
+        if not isinstance(shapes, dict) or set(shapes) != set(arrays):
+            raise MaskFileError(f"{path}: the shapes in the metadata do not list exactly the stored masks")
+        masks = {name: _unpack(arrays[name], shapes[name], f"{path} [{name}]").to(device) for name in shapes}
+        return cls(masks)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Bit-packed CPU copy of the masks, for ``torch.save`` / accelerate's ``register_for_checkpointing``."""
+        meta = self._metadata()
+        return {**meta, "packed": {name: _pack(mask) for name, mask in self._masks.items()}}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Make the store equal to ``state`` (from :meth:`state_dict`).
+
+        Masks whose name and shape already exist are overwritten in place on their current device; new ones go to the
+        device of the existing masks (CPU for an empty store); masks absent from ``state`` are dropped.
+
+        Raises:
+            MaskFileError: if ``state`` is not a pofa mask state dict.
+        """
+        if state.get("format") != _MASK_FILE_FORMAT or not isinstance(state.get("packed"), Mapping):
+            raise MaskFileError(f"not a pofa mask state dict (keys: {sorted(state)})")
+        shapes = state["shapes"]
+        device = next(iter(self._masks.values())).device if self._masks else torch.device("cpu")
+        loaded = {
+            name: _unpack(packed.numpy(), shapes[name], f"state_dict [{name}]") for name, packed in state["packed"].items()
+        }
+        masks: dict[str, Tensor] = {}
+        for name, mask in loaded.items():
+            current = self._masks.get(name)
+            if current is not None and current.shape == mask.shape:
+                current.copy_(mask)
+                masks[name] = current
+            else:
+                masks[name] = mask.to(device)
+        self._masks = masks
+        self._version += 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Checks and reports
+
+
+def _copies_of(param: nn.Parameter) -> Iterator[tuple[str, Tensor]]:
+    """(label, full tensor) for each copy of ``param`` that must respect its mask."""
+    with gathered_param(param) as visible:
+        yield "weight", visible
+    master = deepspeed_master_weight(param)
+    if master is not None:
+        yield "fp32 master", master
+
+
+def check_masks(model: nn.Module, store: MaskStore) -> None:
+    """Check that every pruned position of every masked weight is exactly zero.
+
+    On DeepSpeed models both the visible weights and DeepSpeed's fp32 master copies are checked; on sharded backends
+    this is a collective (call on every rank).
+
+    Raises:
+        MaskViolationError: naming each offending parameter (and copy) with how many pruned positions are non-zero.
+        ValueError: if the masks do not bind to ``model``.
+    """
+    bound = bind_masks(model, store)
+    problems = []
+    for name in sorted(bound):
+        keep = store[name]
+        pruned = keep.numel() - int(keep.sum())
+        for label, tensor in _copies_of(bound[name]):
+            nonzero = int(((tensor.reshape(keep.shape) != 0) & ~keep.to(tensor.device)).sum())
+            if nonzero:
+                problems.append(f"{name} ({label}): {nonzero} of {pruned} pruned positions are non-zero")
+    if problems:
+        raise MaskViolationError("pruned weights are non-zero:\n  " + "\n  ".join(problems))
+
+
+def sparsity_report(model: nn.Module, store: MaskStore) -> dict[str, Any]:
+    """Measured sparsity of ``model`` against ``store``.
+
+    Returns ``{"parameters": {mask name: {shape, numel, zeros, sparsity, target_sparsity}}, "targets": {numel, zeros,
+    sparsity, target_sparsity}, "model": {numel, zeros, sparsity}}``: ``zeros``/``sparsity`` are measured on the
+    weights, ``target_sparsity`` is the mask's; ``targets`` sums the masked weights (the encoder Linear layers by
+    default), ``model`` every parameter. A collective on sharded backends.
+    """
+    bound = bind_masks(model, store)
+    name_of = {id(param): name for name, param in bound.items()}
+    parameters: dict[str, dict[str, Any]] = {}
+    model_numel = model_zeros = 0
+    for _, param in model.named_parameters():
+        with gathered_param(param) as value:
+            zeros = int((value == 0).sum())
+            numel = value.numel()
+        model_numel += numel
+        model_zeros += zeros
+        name = name_of.get(id(param))
+        if name is not None:
+            keep = store[name]
+            parameters[name] = {
+                "shape": list(keep.shape),
+                "numel": numel,
+                "zeros": zeros,
+                "sparsity": zeros / numel,
+                "target_sparsity": 1.0 - int(keep.sum()) / numel,
+            }
+    target_numel = sum(entry["numel"] for entry in parameters.values())
+    target_zeros = sum(entry["zeros"] for entry in parameters.values())
+    target_pruned = sum(entry["target_sparsity"] * entry["numel"] for entry in parameters.values())
+    return {
+        "parameters": {name: parameters[name] for name in store.names() if name in parameters},
+        "targets": {
+            "numel": target_numel,
+            "zeros": target_zeros,
+            "sparsity": target_zeros / target_numel if target_numel else 0.0,
+            "target_sparsity": target_pruned / target_numel if target_numel else 0.0,
+        },
+        "model": {
+            "numel": model_numel,
+            "zeros": model_zeros,
+            "sparsity": model_zeros / model_numel if model_numel else 0.0,
+        },
+    }
+
+
+def format_sparsity_table(report: Mapping[str, Any], *, markdown: bool = False) -> str:
+    """Render :func:`sparsity_report` as a fixed-width text table, or a markdown table with ``markdown=True``."""
+    header = ["parameter", "shape", "numel", "zeros", "sparsity", "target"]
+    rows = [
+        [name, "x".join(map(str, e["shape"])), str(e["numel"]), str(e["zeros"]), f"{e['sparsity']:.2%}", f"{e['target_sparsity']:.2%}"]
+        for name, e in report["parameters"].items()
+    ]
+    targets, whole = report["targets"], report["model"]
+    rows.append(["masked weights (total)", "", str(targets["numel"]), str(targets["zeros"]), f"{targets['sparsity']:.2%}", f"{targets['target_sparsity']:.2%}"])
+    rows.append(["whole model", "", str(whole["numel"]), str(whole["zeros"]), f"{whole['sparsity']:.2%}", ""])
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join(lines)
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:], widths[1:])]
+        return "  ".join(cells).rstrip()
+
+    rule = "-" * len(line(header))
+    return "\n".join([line(header), rule, *map(line, rows[:-2]), rule, *map(line, rows[-2:])])

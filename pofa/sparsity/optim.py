@@ -1,0 +1,293 @@
+"""Keep pruned weights at exactly zero while an optimizer trains the rest.
+
+Zeroing the visible weights after each step is not enough, and earlier tools failed in two ways:
+  * DeepSpeed keeps fp32 master weights (and FSDP keeps shards) that the optimizer updates and copies back over the
+    module's weights, so the zeros the module shows are overwritten at the next step;
+  * Adam's moments hold momentum from before pruning, and weight decay / momentum keep moving a zeroed weight, so a
+    pruned weight comes back to life one step later.
+
+:class:`MaskGuard` closes both gaps: gradient hooks make the gradient of every pruned position exactly zero before
+anything else sees it (gradient accumulation, DDP all-reduce, DeepSpeed/FSDP reduce-scatter, clipping norms, Adam
+moments), and :meth:`MaskGuard.enforce_` (called after each mask update) zeroes the pruned positions of the weights,
+of every optimizer state tensor shaped like the weight, and of DeepSpeed's fp32 master weights and optimizer states.
+After that, an AdamW-like optimizer can never move a pruned weight: its gradient and moments are 0, so its update is
+0, and decoupled weight decay multiplies 0 by a constant.
+
+Usage (one loop, any backend below)::
+
+    store = MaskStore.dense(model.named_parameters())
+    guard = MaskGuard(model, store)              # after accelerator.prepare / deepspeed.initialize is fine too
+    for step ...:
+        loss.backward(); clip; optimizer.step(); optimizer.zero_grad()
+        if is_pruning_step(done_steps, ...):
+            guard.prune_(cubic_sparsity(done_steps, ...), optimizer=optimizer)   # all ranks
+    check_masks(model, store)
+
+Supported and tested (tests/unit/sparsity/test_optim.py, tests/integration/test_distributed_masks.py): plain
+PyTorch with AdamW, gradient accumulation, ``torch.autocast`` bf16 on CPU; torch DDP (gloo); DeepSpeed ZeRO-2 and
+ZeRO-3 on CPU (client torch AdamW); torch FSDP2 ``fully_shard`` (DTensor parameters, masks on local shards). fp16
+autocast works the same way (the hook masks whatever dtype the gradient has) but is not run in CI on CPU.
+DeepSpeed parameter/optimizer offload and NVMe swapping are not tested. Optimizers whose state is not shaped like
+the weight (Adafactor's factored moments) stay correct because the gradient is zero; for optimizers that can move a
+weight with zero gradient and zero state (none of the usual ones), call :meth:`MaskGuard.after_step_`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from pofa.sparsity.masks import (
+    MaskStore,
+    bind_masks,
+    deepspeed_master_weight,
+    gathered_param,
+    magnitude_masks,
+)
+
+__all__ = ["MaskGuard"]
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return isinstance(tensor, DTensor)
+
+
+def _is_deepspeed_param(param: Tensor) -> bool:
+    # Attributes that DeepSpeed's ZeRO-3 (ds_id) and ZeRO-1/2 / bf16 optimizers (_hp_mapping) attach to parameters.
+    return "deepspeed" in sys.modules and (hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"))
+
+
+def _local_part(full: Tensor, like: Tensor) -> Tensor:
+    """The part of the full tensor ``full`` that lives on this rank for ``like`` (its local shard if a DTensor)."""
+    if not _is_dtensor(like):
+        return full
+    from torch.distributed.tensor import distribute_tensor
+
+    # Masks are identical on every rank, so each rank can cut its own shard: no communication (src_data_rank=None).
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def _local(tensor: Tensor) -> Tensor:
+    return tensor.to_local() if _is_dtensor(tensor) else tensor
+
+
+def _make_grad_hook(mask_of: Callable[[], Tensor], name: str) -> Callable[[Tensor], Tensor]:
+    def hook(grad: Tensor) -> Tensor:
+        mask = mask_of()
+        if grad.shape != mask.shape:
+            # DeepSpeed ZeRO-3 can hand an empty placeholder for a partitioned parameter; nothing to mask there.
+            if grad.numel() == 0:
+                return grad
+            raise RuntimeError(f"gradient of {name} has shape {tuple(grad.shape)}, its mask {tuple(mask.shape)}")
+        # where() rather than grad * mask: an inf gradient (fp16 overflow) times 0 would be NaN.
+        return torch.where(mask, grad, 0)
+
+    return hook
+
+
+def _make_post_accumulate_hook(mask_of: Callable[[], Tensor]) -> Callable[[Tensor], None]:
+    def hook(param: Tensor) -> None:
+        if param.grad is not None:
+            with torch.no_grad():
+                _local(param.grad).masked_fill_(~mask_of(), 0)
+
+    return hook
+
+
+def _innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that owns ``.state`` under accelerate / DeepSpeed wrappers (each wraps the next in ``.optimizer``)."""
+    seen = set()
+    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
+        seen.add(id(optimizer))
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def _deepspeed_state_keys(zero_optimizer: Any) -> list[str]:
+    """Optimizer-state keys that DeepSpeed stores per element (e.g. exp_avg, exp_avg_sq), identical on every rank."""
+    inner = _innermost_optimizer(zero_optimizer)
+    keys: set[str] = set()
+    for flat_param, state in getattr(inner, "state", {}).items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and torch.is_tensor(flat_param) and value.shape == flat_param.shape:
+                keys.add(key)
+    # ZeRO-1/2 link per-parameter views of the state lazily, at the first step; make sure they exist.
+    link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
+    if keys and callable(link):
+        link()
+    return sorted(keys)
+
+
+class MaskGuard:
+    """Keeps the pruned weights of ``model`` at exactly zero through training; see the module docstring.
+
+    ``MaskGuard(model, store)`` binds the store's masks to the model's parameters (moving masks to the parameters'
+    device if needed) and registers one gradient hook per masked parameter. The hooks read masks from the store at
+    every call, so :meth:`MaskStore.update` takes effect immediately. ``model`` may be a plain module, a DDP / FSDP2 /
+    ``torch.compile`` wrapped module, or a DeepSpeed engine (or its ``.module``).
+    """
+
+    def __init__(self, model: nn.Module, store: MaskStore) -> None:
+        self._model = model
+        self._store = store
+        self._params = bind_masks(model, store)
+        devices = {param.device for param in self._params.values()}
+        if len(devices) > 1:
+            raise ValueError(f"masked parameters are spread over several devices ({sorted(map(str, devices))}); "
+                             "MaskGuard supports one device per process")
+        if devices and {mask.device for _, mask in store.items()} != devices:
+            store.to(next(iter(devices)))
+        self._local_masks: dict[str, tuple[int, Tensor]] = {}
+        self._handles: list[Any] = []
+        for name, param in self._params.items():
+            if not param.requires_grad:
+                continue
+            if _is_dtensor(param):
+                # FSDP2 reduce-scatters into the sharded DTensor's .grad outside autograd, then runs the sharded
+                # parameter's post-accumulate-grad hooks: mask the local gradient shard there.
+                hook = _make_post_accumulate_hook(lambda n=name: self._local_mask(n))
+                self._handles.append(param.register_post_accumulate_grad_hook(hook))
+            else:
+                # Tensor hooks run before accumulation into .grad and before DDP / DeepSpeed reduction hooks.
+                self._handles.append(param.register_hook(_make_grad_hook(lambda n=name: self._store[n], name)))
+
+    # --- helpers ------------------------------------------------------------------------------------------------
+    @property
+    def store(self) -> MaskStore:
+        """The masks this guard enforces."""
+        return self._store
+
+    def _local_mask(self, name: str) -> Tensor:
+        """The mask of ``name`` as laid out on this rank (the local shard for DTensor parameters), cached per version."""
+        param = self._params[name]
+        if not _is_dtensor(param):
+            return self._store[name]
+        cached = self._local_masks.get(name)
+        if cached is None or cached[0] != self._store.version:
+            cached = (self._store.version, _local_part(self._store[name], param))
+            self._local_masks[name] = cached
+        return cached[1]
+
+    def _uses_deepspeed(self) -> bool:
+        return any(_is_deepspeed_param(param) for param in self._params.values())
+
+    def _zero_optimizer(self, optimizer: Any) -> Any:
+        # A DeepSpeed engine owns its ZeRO optimizer; prefer it over what the caller passed.
+        engine_optimizer = getattr(self._model, "optimizer", None)
+        return engine_optimizer if engine_optimizer is not None else optimizer
+
+    # --- public API ---------------------------------------------------------------------------------------------
+    def full_weights(self) -> dict[str, Tensor]:
+        """Mask name -> full, unsharded weight to rank by magnitude (DeepSpeed: the fp32 master copy).
+
+        Plain parameters are returned without copying; DTensor and DeepSpeed parameters are gathered (a collective:
+        call on every rank).
+        """
+        weights = {}
+        for name in sorted(self._params):
+            param = self._params[name]
+            master = deepspeed_master_weight(param)
+            if master is not None:
+                weights[name] = master.reshape(self._store[name].shape)
+                continue
+            with gathered_param(param) as value:
+                # ZeRO-3's gathered data is released on exit and FSDP2's is a fresh tensor: keep a copy only then.
+                weights[name] = value.detach() if value is param.data else value.detach().clone()
+        return weights
+
+    def prune_(
+        self, sparsity: float, *, optimizer: Any = None, scope: Literal["layer", "global"] = "layer"
+    ) -> dict[str, Tensor]:
+        """Recompute the masks at ``sparsity`` by magnitude, update the store, enforce them; return newly pruned.
+
+        Previously pruned weights stay pruned (see :func:`magnitude_masks`). Call on every rank.
+        """
+        weights = self.full_weights()
+        new_masks = magnitude_masks(weights, sparsity, scope=scope, previous=self._store)
+        newly_pruned = self._store.update(new_masks)
+        self.enforce_(optimizer, newly_pruned)
+        return newly_pruned
+
+    def enforce_(self, optimizer: Any = None, newly_pruned: Mapping[str, Tensor] | None = None) -> None:
+        """Zero the pruned positions of the weights, of ``optimizer``'s per-element state, and of DeepSpeed's copies.
+
+        Weights are zeroed at every pruned position. Optimizer state tensors shaped like the weight (exp_avg,
+        exp_avg_sq, max_exp_avg_sq, momentum_buffer, ...) are zeroed at the positions in ``newly_pruned`` if given,
+        else at every pruned position. For DeepSpeed models the fp32 master weights and optimizer states are zeroed
+        through ``deepspeed.utils.safe_{get,set}_full_{fp32_param,optimizer_state}``: a collective, call on every rank.
+        Call after every :meth:`MaskStore.update` and after loading a checkpoint.
+        """
+        with torch.no_grad():
+            if self._uses_deepspeed():
+                self._enforce_deepspeed(self._zero_optimizer(optimizer), newly_pruned)
+                return
+            for name in sorted(self._params):
+                param = self._params[name]
+                keep = self._local_mask(name)
+                _local(param).masked_fill_(~keep, 0)
+                state = optimizer.state.get(param) if optimizer is not None else None
+                if not state:
+                    continue
+                drop = ~keep if newly_pruned is None or name not in newly_pruned else _local_part(
+                    newly_pruned[name].to(keep.device), param
+                )
+                for value in state.values():
+                    if torch.is_tensor(value) and value.shape == param.shape:
+                        _local(value).masked_fill_(drop, 0)
+
+    def _enforce_deepspeed(self, zero_optimizer: Any, newly_pruned: Mapping[str, Tensor] | None) -> None:
+        from deepspeed.utils import (
+            safe_get_full_fp32_param,
+            safe_get_full_optimizer_state,
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+        )
+
+        keys = _deepspeed_state_keys(zero_optimizer) if zero_optimizer is not None else []
+        for name in sorted(self._params):  # same order on every rank: each call below is a collective
+            param = self._params[name]
+            keep = self._store[name]
+            drop = ~keep if newly_pruned is None or name not in newly_pruned else newly_pruned[name].to(keep.device)
+            master = safe_get_full_fp32_param(param)
+            if master is not None:
+                safe_set_full_fp32_param(param, master.masked_fill_(~keep.to(master.device).reshape(master.shape), 0))
+            for key in keys:
+                state = safe_get_full_optimizer_state(param, key)
+                if state is not None:
+                    state.masked_fill_(drop.to(state.device).reshape(state.shape), 0)
+                    safe_set_full_optimizer_state(param, state, key)
+            with gathered_param(param, modify=True) as visible:
+                visible.masked_fill_(~keep.to(visible.device).reshape(visible.shape), 0)
+
+    def after_step_(self) -> None:
+        """Re-zero the pruned weights after ``optimizer.step()``; only needed for optimizers that are not Adam-like.
+
+        Cheap (one in-place multiply per weight, local shards only) for plain, DDP and FSDP2 models. For DeepSpeed
+        models the master copies must be zeroed too, which is a collective per weight; prefer Adam-like optimizers.
+        """
+        if self._uses_deepspeed():
+            self.enforce_()
+            return
+        with torch.no_grad():
+            for name, param in self._params.items():
+                _local(param).mul_(self._local_mask(name))
+
+    def remove(self) -> None:
+        """Remove the gradient hooks; the masks in the store are untouched."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> MaskGuard:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()

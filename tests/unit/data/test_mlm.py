@@ -1,0 +1,115 @@
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pofa.data.corpus import CorpusError
+from pofa.data.mlm import (MLMBatcher, batch_indices, build_block_cache, mask_tokens, pack_blocks, split_blocks,
+                           step_generator)
+from pofa.recipe import CorpusSource
+
+CLS, SEP = 2, 3
+
+
+def test_packing_loses_no_token_but_the_final_remainder():
+    rng = np.random.default_rng(0)
+    docs = [list(rng.integers(10, 100, size=n)) for n in rng.integers(1, 40, size=50)]
+    blocks = list(pack_blocks(docs, block_length=16, cls_id=CLS, sep_id=SEP))
+    stream = [t for d in docs for t in (*d, SEP)]
+    payload = [t for b in blocks for t in b[1:-1]]
+    assert all(len(b) == 16 and b[0] == CLS and b[-1] == SEP for b in blocks)
+    assert payload == stream[: len(payload)]
+    assert len(stream) - len(payload) < 14  # only the final remainder is dropped
+
+
+def test_packing_handles_documents_longer_than_a_block():
+    blocks = list(pack_blocks([list(range(10, 110))], block_length=10, cls_id=CLS, sep_id=SEP))
+    assert len(blocks) == 101 // 8
+    assert [t for b in blocks for t in b[1:-1]] == list(range(10, 110))[: 8 * len(blocks)]
+
+
+def test_masking_statistics_and_specials():
+    ids = torch.randint(10, 1000, (64, 128))
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    inputs, labels = mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0, CLS, SEP],
+                                 mlm_probability=0.15, generator=step_generator(0, 0, 0))
+    selected = labels != -100
+    assert not selected[:, 0].any() and not selected[:, -1].any()
+    rate = selected[:, 1:-1].float().mean().item()
+    assert 0.14 < rate < 0.16
+    masked = (inputs == 4) & selected
+    unchanged = (inputs == ids) & selected
+    assert 0.77 < masked.sum() / selected.sum() < 0.83
+    assert 0.08 < unchanged.sum() / selected.sum() < 0.13  # 10% kept (+ random tokens that hit the same id)
+    assert torch.equal(labels[selected], ids[selected])
+    assert torch.equal(inputs[~selected], ids[~selected])
+
+
+def test_masking_is_deterministic_for_a_seed_and_step():
+    ids = torch.randint(10, 1000, (4, 32))
+    a = mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0], mlm_probability=0.15,
+                    generator=step_generator(7, 3, 1))
+    b = mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0], mlm_probability=0.15,
+                    generator=step_generator(7, 3, 1))
+    c = mask_tokens(ids, mask_token_id=4, vocab_size=1000, special_ids=[0], mlm_probability=0.15,
+                    generator=step_generator(7, 4, 1))
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[1], c[1])
+
+
+def test_batches_cover_an_epoch_once_and_shards_are_disjoint():
+    n, per_device, procs = 50, 3, 2
+    batches_per_epoch = n // (per_device * procs)
+    seen = []
+    for micro in range(batches_per_epoch):
+        shards = [batch_indices(micro, num_examples=n, per_device_batch_size=per_device, num_processes=procs,
+                                process_index=p, seed=1) for p in range(procs)]
+        assert not set(shards[0]) & set(shards[1])
+        seen += [i for s in shards for i in s]
+    assert len(seen) == len(set(seen)) == batches_per_epoch * per_device * procs
+    nxt = batch_indices(batches_per_epoch, num_examples=n, per_device_batch_size=per_device, num_processes=procs,
+                        process_index=0, seed=1)
+    assert len(nxt) == per_device  # the next epoch starts, reshuffled
+    with pytest.raises(CorpusError, match="fewer than one global batch"):
+        batch_indices(0, num_examples=5, per_device_batch_size=3, num_processes=2, process_index=0, seed=0)
+
+
+def test_block_cache_is_reused_and_split_is_fixed(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    (tmp_path / "c.txt").write_text(("the for statement iterates over the items of a sequence. " * 20 + "\n\n") * 30)
+    sources = [CorpusSource(files=[str(tmp_path / "c.txt")])]
+    path = build_block_cache(sources, tokenizer, 32, tmp_path / "cache", log=lambda m: None)
+    blocks = np.load(path)
+    assert blocks.shape[1] == 32 and (blocks[:, 0] == tokenizer.cls_token_id).all()
+
+    import pofa.data.mlm as mlm
+    monkeypatch.setattr(mlm, "tokenize_batches", lambda *a, **k: pytest.fail("re-tokenized a cached corpus"))
+    assert build_block_cache(sources, tokenizer, 32, tmp_path / "cache", log=lambda m: None) == path
+    a = split_blocks(blocks, eval_fraction=0.1, max_eval_blocks=100, seed=3)
+    b = split_blocks(blocks, eval_fraction=0.1, max_eval_blocks=100, seed=3)
+    assert np.array_equal(a.eval_indices, b.eval_indices) and len(a.eval_indices) == round(len(blocks) * 0.1)
+    assert not set(a.eval_indices) & set(a.train_indices)
+
+
+def test_changed_file_invalidates_the_cache(tmp_path, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    f = tmp_path / "c.txt"
+    f.write_text("the for statement iterates over a sequence. " * 200)
+    sources = [CorpusSource(files=[str(f)])]
+    first = build_block_cache(sources, tokenizer, 16, tmp_path / "cache", log=lambda m: None)
+    f.write_text("a class defines a new type of object and its methods. " * 300)
+    assert build_block_cache(sources, tokenizer, 16, tmp_path / "cache", log=lambda m: None) != first
+
+
+def test_batcher_yields_masked_batches(tmp_path, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    blocks = np.random.default_rng(0).integers(5, len(tokenizer), size=(40, 16)).astype(np.int32)
+    split = split_blocks(blocks, eval_fraction=0.25, max_eval_blocks=10, seed=0)
+    batcher = MLMBatcher(split, tokenizer, per_device_batch_size=4, num_processes=1, process_index=0, seed=0,
+                         mlm_probability=0.15)
+    batch = batcher.train_batch(0)
+    assert batch["input_ids"].shape == (4, 16) and batch["labels"].dtype == torch.int64
+    assert torch.equal(batcher.train_batch(5)["labels"], batcher.train_batch(5)["labels"])
+    evals = list(batcher.eval_batches())
+    assert sum(len(b["input_ids"]) for b in evals) == 10
+    assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(evals, batcher.eval_batches()))
