@@ -24,6 +24,7 @@ import fnmatch
 import json
 import os
 import shutil
+import socket
 import struct
 import sys
 from pathlib import Path
@@ -464,7 +465,8 @@ def _artifact_rows(folder: Path) -> list[str]:
     for name in publication_files(folder):
         if name == CARD_FILE:
             continue
-        what = descriptions.get(name) or ("tokenizer" if name.startswith(("tokenizer", "vocab", "special_tokens")) else "")
+        is_tokenizer = name.startswith(("tokenizer", "vocab", "special_tokens"))
+        what = descriptions.get(name) or ("tokenizer" if is_tokenizer else "")
         rows.append(f"| `{name}` | {what} | {_format_size((folder / name).stat().st_size)} |")
     return rows
 
@@ -548,7 +550,6 @@ def _summary(
         summary += ["", "Evaluation: " + ", ".join(
             f"{r.task_name or r.task_type} {r.metric_type} = {r.metric_value:.4g}" for r in eval_results) + "."]
     summary += ["", "### Files", "", *_artifact_rows(folder)]
-
     return "\n".join(summary)
 
 
@@ -659,7 +660,8 @@ def prepare_publication(folder: Path, out: Path | None = None, **card_kwargs: An
 def _is_main_process() -> bool:
     """False only on a non-zero rank of an accelerate or torch.distributed run (or with RANK set non-zero)."""
     # Only look at libraries already imported: a state that was never imported cannot have been initialised,
-    # and importing accelerate/torch here would cost seconds for nothing.
+    # and importing accelerate/torch here would cost seconds for nothing. `_shared_state` is what
+    # `PartialState.initialized` reads; calling `PartialState()` on an uninitialised state would initialise it.
     accelerate_state = sys.modules.get("accelerate.state")
     if accelerate_state is not None and accelerate_state.PartialState._shared_state:
         return bool(accelerate_state.PartialState().is_main_process)
@@ -670,8 +672,10 @@ def _is_main_process() -> bool:
 
 
 def _is_unreachable(exc: BaseException) -> bool:
-    """True for a failure to reach the server at all (DNS, refused, timeout), not for an HTTP error answer."""
-    if isinstance(exc, OSError):
+    """True for a failure to reach the server at all (DNS, refused, timeout, offline mode), not for an HTTP error
+    answer nor a local file error."""
+    # huggingface_hub's OfflineModeIsEnabled is a ConnectionError.
+    if isinstance(exc, (ConnectionError, TimeoutError, socket.gaierror)):
         return True
     # huggingface_hub's HTTP client (httpx or httpx2, by version) signals these as TransportError subclasses.
     return any(cls.__name__ == "TransportError" and cls.__module__.startswith("httpx") for cls in type(exc).__mro__)

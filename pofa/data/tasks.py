@@ -430,7 +430,9 @@ def _check_text_columns(data: Dataset, fields: Sequence[str], where: str) -> Non
             raise TaskDataError(f"{where}: text column {field!r} is empty (null) at row {row}")
 
 
-def label_ids(column: pa.ChunkedArray | pa.Array, feature: Any, names: Sequence[str], field: str, where: str) -> np.ndarray:
+def label_ids(
+    column: pa.ChunkedArray | pa.Array, feature: Any, names: Sequence[str], field: str, where: str
+) -> np.ndarray:
     """Integer class ids in [0, len(names)) for a label column; raises TaskDataError naming the first bad value.
 
     Strings map through `names`; integers, booleans and integral floats are ids; a ClassLabel column whose names
@@ -499,7 +501,9 @@ def _check_squad(data: Dataset, where: str) -> None:
         answers = answers or {}
         texts, starts = answers.get("text") or [], answers.get("answer_start") or []
         if len(texts) != len(starts):
-            raise TaskDataError(f"{where}: question {ids[row]!r} has {len(texts)} answer texts but {len(starts)} starts")
+            raise TaskDataError(
+                f"{where}: question {ids[row]!r} has {len(texts)} answer texts but {len(starts)} answer starts"
+            )
         for text, start in zip(texts, starts, strict=True):
             if start < 0 or start + len(text) > len(contexts[row]):
                 raise TaskDataError(
@@ -673,7 +677,7 @@ def prepare_squad_train_features(
             continue
         # Scan only inside the context, so an answer that ends the window can never land on [SEP] or padding.
         token = first
-        while token < len(offsets) and offsets[token][0] <= start_char:
+        while token <= last and offsets[token][0] <= start_char:
             token += 1
         starts.append(token - 1)
         token = last
@@ -698,7 +702,10 @@ def prepare_squad_eval_features(
     sample_mapping = encoded.pop("overflow_to_sample_mapping")
     encoded["example_id"] = [examples["id"][sample] for sample in sample_mapping]
     encoded["offset_mapping"] = [
-        [list(offset) if sequence_id == 1 else None for offset, sequence_id in zip(offsets, encoded.sequence_ids(i))]
+        [
+            list(offset) if sequence_id == 1 else None
+            for offset, sequence_id in zip(offsets, encoded.sequence_ids(i), strict=True)
+        ]
         for i, offsets in enumerate(encoded["offset_mapping"])
     ]
     return dict(encoded)
@@ -726,7 +733,10 @@ def _column(rows: Any, name: str) -> list:
 
 def squad_references(examples: Dataset | Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
     """{id: answer texts} of SQuAD examples, the `references` argument of `pofa.metrics.squad_metrics`."""
-    return {qid: list(answers["text"]) for qid, answers in zip(_column(examples, "id"), _column(examples, "answers"))}
+    return {
+        qid: list(answers["text"])
+        for qid, answers in zip(_column(examples, "id"), _column(examples, "answers"), strict=True)
+    }
 
 
 def postprocess_squad_predictions(
@@ -749,7 +759,7 @@ def postprocess_squad_predictions(
     if n_best_size < 1 or max_answer_length < 1:
         raise ValueError(f"n_best_size ({n_best_size}) and max_answer_length ({max_answer_length}) must be >= 1")
     example_ids = _column(examples, "id")
-    contexts = dict(zip(example_ids, _column(examples, "context")))
+    contexts = dict(zip(example_ids, _column(examples, "context"), strict=True))
     feature_example_ids = _column(features, "example_id")
     all_offsets = _column(features, "offset_mapping")
     if len(start_logits) != len(feature_example_ids) or len(end_logits) != len(feature_example_ids):
@@ -759,7 +769,7 @@ def postprocess_squad_predictions(
         )
 
     best: dict[str, tuple[float, str]] = {}
-    for index, (example_id, offsets) in enumerate(zip(feature_example_ids, all_offsets)):
+    for index, (example_id, offsets) in enumerate(zip(feature_example_ids, all_offsets, strict=True)):
         if example_id not in contexts:
             raise ValueError(f"feature {index} belongs to example {example_id!r}, which is not among the examples")
         starts = np.asarray(start_logits[index], dtype=np.float64)

@@ -111,7 +111,7 @@ def run_ddp(rank: int) -> dict[str, Any]:
     }
 
 
-def run_deepspeed(rank: int, stage: int, guarded: bool) -> dict[str, Any]:
+def run_deepspeed(rank: int, stage: int, guarded: bool, bf16: bool = False, accumulation: int = 1) -> dict[str, Any]:
     import deepspeed
     import deepspeed.ops
 
@@ -122,7 +122,8 @@ def run_deepspeed(rank: int, stage: int, guarded: bool) -> dict[str, Any]:
     store = MaskStore.dense(model.named_parameters())
     config = {
         "train_micro_batch_size_per_gpu": BATCH,
-        "gradient_accumulation_steps": 1,
+        "gradient_accumulation_steps": accumulation,
+        "bf16": {"enabled": bf16},
         "gradient_clipping": 1.0,
         "zero_optimization": {"stage": stage},
         # The client optimizer is torch's AdamW, which runs on CPU; DeepSpeed would otherwise insist on its own.
@@ -138,11 +139,11 @@ def run_deepspeed(rank: int, stage: int, guarded: bool) -> dict[str, Any]:
     def step(batch: dict[str, Tensor]) -> float:
         loss = engine(**batch).loss
         engine.backward(loss)
-        engine.step()
+        engine.step()  # an optimizer step only at gradient-accumulation boundaries
         return float(loss.detach())
 
-    data = batches(rank, DENSE_STEPS + SPARSE_STEPS)
-    train(step, data[:DENSE_STEPS])
+    data = batches(rank, (DENSE_STEPS + SPARSE_STEPS) * accumulation)
+    train(step, data[: DENSE_STEPS * accumulation])
     if guard is not None:
         guard.prune_(SPARSITY, optimizer=engine.optimizer)
     else:
@@ -153,7 +154,7 @@ def run_deepspeed(rank: int, stage: int, guarded: bool) -> dict[str, Any]:
             with torch.no_grad(), gathered_param(param, modify=True) as value:
                 value.masked_fill_(~store[name].reshape(value.shape), 0)
     pruned_visible_after_prune = pruned_nonzero(visible_weights(params), store)
-    losses = train(step, data[DENSE_STEPS:])
+    losses = train(step, data[DENSE_STEPS * accumulation :])
     masters = {name: deepspeed_master_weight(params[name]) for name in sorted(params)}
     has_masters = all(master is not None for master in masters.values())
     from deepspeed.utils import safe_get_full_optimizer_state
@@ -220,8 +221,10 @@ def main() -> None:
     runners: dict[str, Callable[[], dict[str, Any]]] = {
         "ddp": lambda: run_ddp(rank),
         "zero2": lambda: run_deepspeed(rank, 2, guarded=True),
+        "zero2-bf16-accum": lambda: run_deepspeed(rank, 2, guarded=True, bf16=True, accumulation=2),
         "zero2-unguarded": lambda: run_deepspeed(rank, 2, guarded=False),
         "zero3": lambda: run_deepspeed(rank, 3, guarded=True),
+        "zero3-bf16-accum": lambda: run_deepspeed(rank, 3, guarded=True, bf16=True, accumulation=2),
         "fsdp2": lambda: run_fsdp2(rank),
     }
     if mode not in runners:

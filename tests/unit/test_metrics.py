@@ -104,7 +104,8 @@ def test_squad_metrics_rejects_stray_prediction_ids():
 
 
 def test_aggregate_seeds_mean_and_sample_std():
-    summary = aggregate_seeds([{"accuracy": 0.8, "f1": 0.5}, {"accuracy": 0.9, "f1": 0.5}, {"accuracy": 1.0, "f1": 0.5}])
+    seeds = [{"accuracy": 0.8, "f1": 0.5}, {"accuracy": 0.9, "f1": 0.5}, {"accuracy": 1.0, "f1": 0.5}]
+    summary = aggregate_seeds(seeds)
     assert summary["accuracy"]["mean"] == pytest.approx(0.9)
     assert summary["accuracy"]["std"] == pytest.approx(0.1)  # sample std (ddof=1) of 0.8, 0.9, 1.0
     assert summary["accuracy"]["n"] == 3

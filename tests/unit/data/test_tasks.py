@@ -9,7 +9,7 @@ import json
 import datasets
 import numpy as np
 import pytest
-from datasets import ClassLabel, Dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 from transformers import BertTokenizerFast
 
 from pofa.data import tasks
@@ -216,7 +216,7 @@ def test_unknown_string_label_names_value_and_allowed_names(tmp_path):
 def test_bad_split_file_type_and_missing_file(tmp_path):
     with pytest.raises(TaskDataError, match=r"'dev'.*\['train', 'validation'\]"):
         load_task("sst2", data_files={"dev": tmp_path / "x.csv"})
-    with pytest.raises(FileNotFoundError, match="nope.csv"):
+    with pytest.raises(FileNotFoundError, match=r"nope\.csv"):
         load_task("sst2", data_files={"train": tmp_path / "nope.csv"})
     (tmp_path / "train.parquet").write_bytes(b"")
     with pytest.raises(TaskDataError, match=r"train\.parquet: unsupported file type"):
@@ -242,6 +242,40 @@ def test_hub_without_network_says_how_to_use_local_files(monkeypatch):
     message = str(caught.value)
     assert "nyu-mll/glue" in message and "data_files=" in message
     assert "question, sentence, label" in message and "'validation'" in message
+
+
+def test_hub_layout_is_read_by_split_name(monkeypatch):
+    names = ["entailment", "neutral", "contradiction"]
+    features = Features(
+        {
+            "premise": Value("string"),
+            "hypothesis": Value("string"),
+            "label": ClassLabel(names=names),
+            "idx": Value("int32"),
+        }
+    )
+
+    def rows(n, label):
+        return Dataset.from_dict(
+            {"premise": ["p"] * n, "hypothesis": ["h"] * n, "label": [label] * n, "idx": list(range(n))},
+            features=features,
+        )
+
+    def fake_hub(path, name=None, **kwargs):
+        assert (path, name) == ("nyu-mll/glue", "mnli")
+        # GLUE's test splits carry label -1 (hidden); they must not be read.
+        return DatasetDict(
+            {"train": rows(4, 0), "validation_matched": rows(2, 1), "validation_mismatched": rows(3, 2),
+             "test_matched": rows(2, -1)}
+        )  # fmt: skip
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    splits = load_task("mnli", max_eval_examples=2)
+    assert list(splits) == ["train", "validation_matched", "validation_mismatched"]
+    assert {k: len(v) for k, v in splits.items()} == {"train": 4, "validation_matched": 2, "validation_mismatched": 2}
+    assert splits["validation_mismatched"].column_names == ["premise", "hypothesis", "label"]
+    assert splits["validation_mismatched"]["label"][:] == [2, 2]
+    assert splits["train"].features["label"].names == names
 
 
 def test_subsets_are_seeded_deterministic_and_in_source_order(tmp_path):
@@ -317,13 +351,15 @@ def test_train_features_point_at_answer_or_cls(tokenizer):
 
 
 def test_train_answer_on_the_last_context_token_never_lands_on_sep(tokenizer):
-    # "house ." with "." the last context token (16) of window 3; a scan that runs past the context would end on [SEP].
+    # The answer starts on the last context token (the final ".", token 16, last in window 3). The classic
+    # run_qa.py scan walks on through [SEP] (offsets (0, 0) <= start) and would point the start at [SEP].
     example = squad_example("house .")
+    example["answers"] = {"text": ["."], "answer_start": [CONTEXT.rindex(".")]}
     batch = {k: [v] for k, v in example.items()}
     features = prepare_squad_train_features(batch, tokenizer, max_length=MAX_LENGTH, doc_stride=DOC_STRIDE)
     start, end = features["start_positions"][3], features["end_positions"][3]
-    assert (start, end) == (position(3, 15), position(3, 16))
-    assert features["input_ids"][3][end] != SEP
+    assert (start, end) == (position(3, 16), position(3, 16))
+    assert features["input_ids"][3][start] == VOCAB.index(".")
 
 
 def test_eval_features_keep_only_context_offsets(tokenizer):
