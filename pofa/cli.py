@@ -16,6 +16,7 @@ from typing import Sequence
 COMMANDS = {
     "quickstart": ("pofa.quickstart", "run the embedded-default pipeline offline on CPU"),
     "pretrain": ("pofa.pretrain", "teacher preparation or student pruning (MLM [+ distillation] [+ pruning])"),
+    "finetune": ("pofa.finetune", "sparse transfer to a downstream task with the zero pattern locked [+ QAT]"),
 }
 
 

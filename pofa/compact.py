@@ -17,7 +17,7 @@ Linear weight, plus every weight quantized by QAT):
 
 Every other tensor is stored as it is under its own name; a tensor that shares storage with another one (tied
 weights) is stored once and recorded as an alias. The metadata key ``pofa`` holds JSON: format name and version,
-per compacted tensor its shape, dtype and encoding, the aliases, and for QAT models the QAT config, the quantized
+per compacted tensor its shape, dtype and encoding, the aliases, the saved model's class name, and for QAT models the QAT config, the quantized
 module names and their activation scale/zero-point (so the file alone is enough to deploy int8).
 
 Lossless: the float encoding rebuilds every value bitwise; pruned positions come back as +0.0 (a ``-0.0`` left by
@@ -201,6 +201,8 @@ def save_compact(
                 for m, q in quantized.items()
             }
         }
+    if is_model:
+        header["model_class"] = type(model_or_state_dict).__name__
     if is_model and is_qat_prepared(model_or_state_dict):  # type: ignore[arg-type]
         modules = qat_modules(model_or_state_dict)  # type: ignore[arg-type]
         header["qat"] = {"config": next(iter(modules.values())).config.to_dict(), "modules": list(modules)}
@@ -290,11 +292,11 @@ def load_compact(path: str | Path) -> dict[str, Tensor]:
     return state
 
 
-def _model_class(config: Any) -> type[nn.Module]:
+def _model_class(config: Any, saved_name: str | None) -> type[nn.Module]:
     import transformers
 
-    for name in getattr(config, "architectures", None) or []:
-        cls = getattr(transformers, name, None)
+    for name in [saved_name, *(getattr(config, "architectures", None) or [])]:
+        cls = getattr(transformers, name, None) if name else None
         if cls is not None:
             return cls
     return transformers.AutoModel  # type: ignore[return-value]
@@ -303,8 +305,10 @@ def _model_class(config: Any) -> type[nn.Module]:
 def load_compact_model(
     path: str | Path, config_dir: str | Path, *, model_class: type[nn.Module] | None = None
 ) -> nn.Module:
-    """The HF model of ``config_dir`` (class from ``config.architectures``, else ``AutoModel``; or
-    ``model_class``) with the weights of a compact checkpoint, in eval mode.
+    """The HF model of ``config_dir`` with the weights of a compact checkpoint, in eval mode.
+
+    The class is ``model_class``, else the class the checkpoint was saved from (recorded when a model, not a state
+    dict, was saved) if transformers has it, else ``config.architectures[0]``, else ``AutoModel``.
 
     A checkpoint of a QAT model comes back prepared for QAT the same way (same modules, config and observer
     state), observers frozen, so it exports to int8 ONNX directly. Raises if the file does not match the model.
@@ -315,7 +319,7 @@ def load_compact_model(
     header = _read_header(path)
     state = load_compact(path)
     config = AutoConfig.from_pretrained(str(config_dir))
-    cls = model_class or _model_class(config)
+    cls = model_class or _model_class(config, header.get("model_class"))
     model = cls.from_config(config) if cls.__name__.startswith("Auto") else cls(config)
     qat = header.get("qat")
     if qat:

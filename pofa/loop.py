@@ -100,5 +100,19 @@ def build_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: flo
     return torch.optim.AdamW(decay_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
 
 
+def new_accelerator(**kwargs):
+    """An `Accelerator` for one stage, forgetting the settings of any stage run before it in this process.
+
+    accelerate keeps its state in process-wide singletons; the quickstart (and a notebook) runs several stages, with
+    different precision and accumulation, in one process. The process group itself (PartialState) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
+    return Accelerator(**kwargs)
+
+
 def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)

@@ -69,10 +69,10 @@ def _log(accelerator, message: str) -> None:
 
 
 def make_accelerator(recipe: PretrainRecipe, output_dir: Path):
-    from accelerate import Accelerator
+    from pofa.loop import new_accelerator
 
     t = recipe.training
-    return Accelerator(
+    return new_accelerator(
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         mixed_precision=t.mixed_precision,
         log_with=list(t.trackers) or None,

@@ -25,6 +25,7 @@ import copy
 import functools
 import statistics
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,13 @@ class SparseRuntimeConfig:
         return self.backend
 
 
+def _to_csr(weight: Tensor) -> Tensor:
+    with warnings.catch_warnings():
+        # torch warns that CSR support is "beta" on every conversion; we rely only on to_sparse_csr and addmm.
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return weight.to_sparse_csr()
+
+
 class CSRLinear(nn.Module):
     """``y = x W^T + b`` with ``W`` held as a torch CSR tensor (``torch.sparse.addmm``); inference only."""
 
@@ -87,7 +95,7 @@ class CSRLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         weight = linear.weight.detach().float()
-        self.weight_csr = weight.to_sparse_csr()
+        self.weight_csr = _to_csr(weight)
         bias = linear.bias.detach().float() if linear.bias is not None else torch.zeros(self.out_features)
         self.bias_column = bias.reshape(-1, 1).clone()
         self.nnz = int(weight.count_nonzero())
@@ -130,7 +138,7 @@ class NumbaCSRLinear(nn.Module):
     def __init__(self, linear: nn.Linear) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        csr = linear.weight.detach().float().to_sparse_csr()
+        csr = _to_csr(linear.weight.detach().float())
         self.indptr = csr.crow_indices().to(torch.int64).numpy().copy()
         self.indices = csr.col_indices().to(torch.int64).numpy().copy()
         self.data = csr.values().numpy().astype(np.float32).copy()

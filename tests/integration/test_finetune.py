@@ -1,0 +1,194 @@
+"""Sparse transfer through the real fine-tuning loop, on a tiny BERT and small local task files."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pofa.finetune import finetune, finetune_seeds, main
+from pofa.recipe import FinetuneRecipe, recipe_from_dict
+from pofa.sparsity import DEFAULT_TARGETS, MaskStore, magnitude_masks, select_targets
+
+WORDS_POS = ["true", "value", "object", "class", "method", "list"]
+WORDS_NEG = ["false", "error", "exception", "raise", "none", "fail"]
+
+
+@pytest.fixture(scope="module")
+def sentiment_files(tmp_path_factory) -> dict[str, str]:
+    folder = tmp_path_factory.mktemp("sentiment")
+    rng = random.Random(0)
+    files = {}
+    for split, n in (("train", 96), ("validation", 40)):
+        path = folder / f"{split}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            for i in range(n):
+                label = i % 2
+                words = rng.choices(WORDS_POS if label else WORDS_NEG, k=4) + rng.choices(WORDS_POS + WORDS_NEG, k=2)
+                rng.shuffle(words)
+                writer.writerow([" ".join(words), label])
+        files[split] = str(path)
+    return files
+
+
+@pytest.fixture(scope="module")
+def sparse_model_dir(tmp_path_factory, tiny_model_dir) -> Path:
+    """The tiny BERT with 70% of its encoder Linear weights pruned by magnitude, and its mask file."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    folder = tmp_path_factory.mktemp("sparse_bert")
+    model = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    params = dict(model.named_parameters())
+    names = select_targets(params.items(), DEFAULT_TARGETS)
+    masks = magnitude_masks({n: params[n].detach() for n in names}, 0.7)
+    with torch.no_grad():
+        for n, m in masks.items():
+            params[n].mul_(m)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    MaskStore(masks).save(folder / "masks.safetensors")
+    return folder
+
+
+def recipe(model_dir, out, files, **sections) -> FinetuneRecipe:
+    data = {
+        "model": {"name_or_path": str(model_dir)},
+        "task": {"name": "sst2", "data_files": dict(files), "max_seq_length": 32},
+        "training": {"output_dir": str(out), "epochs": 2, "per_device_batch_size": 8, "learning_rate": 1e-3,
+                     "warmup_ratio": 0.1, "log_every": 100, "eval_batch_size": 16},
+    }
+    for name, values in sections.items():
+        data.setdefault(name, {}).update(values)
+    return recipe_from_dict(FinetuneRecipe, data)
+
+
+def encoder_zeros(folder: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(Path(folder) / "model.safetensors")
+    return {n.split("encoder.", 1)[1]: weights[n] == 0 for n in select_targets(weights.items(), DEFAULT_TARGETS)}
+
+
+def assert_same_pattern(before: Path, after: Path):
+    a, b = encoder_zeros(before), encoder_zeros(after)
+    assert a.keys() == b.keys() and len(a) == 12
+    for name in a:
+        assert torch.equal(a[name], b[name]), f"zero pattern of {name} changed"
+        assert a[name].float().mean().item() == pytest.approx(0.7, abs=1e-3)
+
+
+def test_pattern_is_identical_after_fine_tuning(sparse_model_dir, sentiment_files, tmp_path):
+    result = finetune(recipe(sparse_model_dir, tmp_path / "ft", sentiment_files))
+    assert_same_pattern(sparse_model_dir, result.final_dir)
+    assert result.sparsity == pytest.approx(0.7, abs=1e-3)
+    evaluation = json.loads((result.final_dir / "eval_results.json").read_text())
+    assert set(evaluation["metrics"]) == {"validation/accuracy"}
+    for name in ("masks.safetensors", "sparsity.json", "recipe.yaml", "compact.safetensors"):
+        assert (result.final_dir / name).is_file(), name
+    from transformers import AutoModelForSequenceClassification
+
+    AutoModelForSequenceClassification.from_pretrained(result.final_dir)
+
+
+def test_pattern_holds_with_distillation_accumulation_and_bf16(sparse_model_dir, tiny_model_dir, sentiment_files,
+                                                               tmp_path):
+    teacher = finetune(recipe(tiny_model_dir, tmp_path / "teacher", sentiment_files, sparsity={"masks": "none"}))
+    assert teacher.sparsity is None
+    student = finetune(recipe(sparse_model_dir, tmp_path / "student", sentiment_files,
+                              distillation={"teacher": str(teacher.final_dir), "hard_weight": 0.0,
+                                            "soft_weight": 1.0, "temperature": 2.0},
+                              training={"gradient_accumulation_steps": 2, "mixed_precision": "bf16"}))
+    assert_same_pattern(sparse_model_dir, student.final_dir)
+
+
+def test_pattern_lock_from_zeros_when_there_is_no_mask_file(sparse_model_dir, sentiment_files, tmp_path):
+    import shutil
+
+    folder = tmp_path / "no_masks"
+    shutil.copytree(sparse_model_dir, folder)
+    (folder / "masks.safetensors").unlink()
+    result = finetune(recipe(folder, tmp_path / "ft", sentiment_files))
+    assert_same_pattern(sparse_model_dir, result.final_dir)
+    with pytest.raises(Exception, match="has no masks.safetensors"):
+        finetune(recipe(folder, tmp_path / "ft2", sentiment_files, sparsity={"masks": "file"}))
+
+
+def test_dense_model_warns_loudly(tiny_model_dir, sentiment_files, tmp_path, capsys):
+    finetune(recipe(tiny_model_dir, tmp_path / "ft", sentiment_files, training={"max_steps": 2}))
+    assert "nothing to lock" in capsys.readouterr().err
+
+
+def test_pairs_qqp_from_local_jsonl_report_accuracy_and_f1(sparse_model_dir, tmp_path):
+    rng = random.Random(1)
+    files = {}
+    for split, n in (("train", 48), ("validation", 24)):
+        path = tmp_path / f"{split}.jsonl"
+        rows = [{"question1": " ".join(rng.choices(WORDS_POS, k=4)), "question2": " ".join(rng.choices(WORDS_NEG, k=3)),
+                 "label": i % 2} for i in range(n)]
+        path.write_text("\n".join(json.dumps(r) for r in rows))
+        files[split] = str(path)
+    result = finetune(recipe(sparse_model_dir, tmp_path / "qqp", files, task={"name": "qqp"},
+                             training={"max_steps": 3}))
+    assert set(result.metrics) == {"validation/accuracy", "validation/f1"}
+    assert_same_pattern(sparse_model_dir, result.final_dir)
+
+
+def test_squad_format_json_trains_and_evaluates(sparse_model_dir, tmp_path):
+    contexts = ["the class statement creates a new object type", "a list is a mutable sequence of values"]
+    paragraphs = []
+    for c, context in enumerate(contexts):
+        answer = context.split()[-2]
+        qas = [{"id": f"{c}-{q}", "question": f"what does the text say {q}",
+                "answers": [{"text": answer, "answer_start": context.index(answer)}]} for q in range(6)]
+        paragraphs.append({"context": context, "qas": qas})
+    path = tmp_path / "squad.json"
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
+    result = finetune(recipe(sparse_model_dir, tmp_path / "qa", {"train": str(path), "validation": str(path)},
+                             task={"name": "squad", "max_seq_length": 32, "doc_stride": 8},
+                             training={"max_steps": 4}))
+    assert set(result.metrics) == {"validation/exact_match", "validation/f1"}
+    assert 0.0 <= result.metrics["validation/f1"] <= 100.0
+    assert_same_pattern(sparse_model_dir, result.final_dir)
+
+
+def test_several_seeds_report_each_and_the_mean(sparse_model_dir, sentiment_files, tmp_path):
+    summary = finetune_seeds(recipe(sparse_model_dir, tmp_path / "seeds", sentiment_files,
+                                    training={"max_steps": 3}), [1, 2])
+    accs = [summary["seeds"][s]["validation/accuracy"] for s in ("1", "2")]
+    assert summary["aggregate"]["validation/accuracy"]["mean"] == pytest.approx(sum(accs) / 2)
+    assert (tmp_path / "seeds" / "seed-1" / "final").is_dir() and (tmp_path / "seeds" / "seeds.json").is_file()
+
+
+@pytest.mark.parametrize("body, message", [
+    ("task:\n  name: mnli2\n", "task.name"),
+    ("task:\n  name: sst2\n  label_field: polarity\n", "polarity"),
+    ("task:\n  name: sst2\n  max_seq_length: 4096\n", "task.max_seq_length: 4096 exceeds"),
+    ("training:\n  epochz: 1\n", "unknown key training.epochz"),
+])
+def test_bad_input_names_the_field(sparse_model_dir, sentiment_files, tmp_path, capsys, body, message):
+    text = f"stage: finetune\nmodel:\n  name_or_path: {sparse_model_dir}\n" + body
+    if "task:" not in body:
+        text += "task:\n  name: sst2\n"
+    text += "  data_files: {train: %s, validation: %s}\n" % (sentiment_files["train"], sentiment_files["validation"]) \
+        if "task:" in text else ""
+    path = tmp_path / "r.yaml"
+    path.write_text(text)
+    assert main(["--recipe", str(path), "--output-dir", str(tmp_path / "o")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_labels_out_of_range_name_the_value(sparse_model_dir, tmp_path, capsys):
+    path = tmp_path / "bad.csv"
+    path.write_text("sentence,label\nthe class,0\nthe list,7\n")
+    r = tmp_path / "r.yaml"
+    r.write_text(f"stage: finetune\nmodel:\n  name_or_path: {sparse_model_dir}\n"
+                 f"task:\n  name: sst2\n  data_files: {{train: {path}, validation: {path}}}\n")
+    assert main(["--recipe", str(r), "--output-dir", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "7" in err and "label" in err
