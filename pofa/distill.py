@@ -31,12 +31,15 @@ def _select(name: str, tensor: Tensor, mask: Tensor | None, feature_dims: int) -
 
 def _check_pair(student: Tensor, teacher: Tensor, what: str) -> None:
     if student.shape != teacher.shape:
-        raise ValueError(f"student and teacher {what} differ in shape: {tuple(student.shape)} vs {tuple(teacher.shape)}")
+        shapes = f"{tuple(student.shape)} vs {tuple(teacher.shape)}"
+        raise ValueError(f"student and teacher {what} differ in shape: {shapes}")
     if student.dim() < 1:
         raise ValueError(f"{what} need at least one dimension, got a scalar")
 
 
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, mask: Tensor | None = None) -> Tensor:
+def kd_loss(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, mask: Tensor | None = None
+) -> Tensor:
     """``T**2 * KL(softmax(teacher / T) || softmax(student / T))`` averaged over the selected positions.
 
     Logits are ``[..., V]``; ``mask`` (bool, shape ``[...]``) selects the positions that count. The ``T**2`` factor

@@ -277,16 +277,6 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     if recipe.distillation.teacher:
         teacher = load_task_model(recipe.distillation.teacher, data.spec)
         teacher.requires_grad_(False).eval().to(accelerator.device)
-    qat_config = None
-    if recipe.quantization.enabled:
-        from pofa.quant import QATConfig, prepare_qat_
-
-        q = recipe.quantization
-        qat_config = QATConfig(per_channel=q.per_channel, activation_observer_momentum=q.activation_observer_momentum,
-                               freeze_observers_after_step=q.freeze_observers_after_step,
-                               quantize_embeddings=q.quantize_embeddings)
-        prepare_qat_(model, qat_config)  # keeps the Parameter objects: masks, hooks and optimizer still apply
-
     max_steps = t.max_steps or steps_for_epochs(
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_processes=accelerator.num_processes)
@@ -294,8 +284,16 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
                       gradient_accumulation_steps=t.gradient_accumulation_steps,
                       num_processes=accelerator.num_processes, warmup_ratio=t.warmup_ratio,
                       warmup_steps=t.warmup_steps)
-    if qat_config is not None and qat_config.freeze_observers_after_step is None:
-        qat_config.freeze_observers_after_step = max(1, int(0.9 * plan.max_steps))
+    qat_config = None
+    if recipe.quantization.enabled:
+        from pofa.quant import QATConfig, prepare_qat_
+
+        q = recipe.quantization
+        freeze_at = q.freeze_observers_after_step
+        qat_config = QATConfig(per_channel=q.per_channel, activation_observer_momentum=q.activation_observer_momentum,
+                               freeze_observers_after_step=max(1, int(0.9 * plan.max_steps)) if freeze_at is None
+                               else freeze_at, quantize_embeddings=q.quantize_embeddings)
+        prepare_qat_(model, qat_config)  # keeps the Parameter objects: masks, hooks and optimizer still apply
     if len(data.train) < plan.per_device_batch_size * plan.num_processes:
         raise RecipeError(f"training.per_device_batch_size: the training set has {len(data.train)} examples, fewer "
                           f"than one batch of {plan.per_device_batch_size} x {plan.num_processes} processes")

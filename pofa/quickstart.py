@@ -1,7 +1,16 @@
 """`pofa quickstart`: the whole pipeline on its embedded default, offline, on CPU.
 
-Runs the `recipes/quickstart-*.yaml` stages in order, each output feeding the next, and prints where the results
-are. Every stage is an ordinary recipe: run it alone with `pofa pretrain --recipe recipes/quickstart-teacher.yaml`.
+Stages, each an ordinary recipe in `recipes/` (run any alone with `pofa pretrain` / `pofa finetune`):
+
+    1 teacher          quickstart-teacher.yaml          MLM on CPython's docs: gives MiniLM its MLM head
+    2 student          quickstart-student.yaml          MLM + KD + gradual magnitude pruning to 90%
+    3 dense-finetune   quickstart-dense-finetune.yaml   the dense teacher on movie-review sentiment
+    4 sparse-finetune  quickstart-finetune.yaml         sparse transfer, pattern locked, KD from 3
+    5 qat              quickstart-qat.yaml              8-bit QAT, compact int8 checkpoint, int8 ONNX + parity
+    6 publish          (dry run)                        the folder `pofa push` would upload, with its model card
+
+Each stage's inputs are the previous stages' outputs under `--output-dir`. It ends with one table: accuracy (dense,
+sparse, sparse + int8), sparsity, size on disk and latency.
 """
 
 from __future__ import annotations
@@ -15,24 +24,146 @@ from typing import Sequence
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
+FAST_PRETRAIN = ["training.max_steps=4", "training.eval_every=2", "training.save_every=2", "training.log_every=2",
+                 "data.max_eval_blocks=8"]
+FAST_STUDENT = ["pruning.end_step=2", "pruning.frequency=1", "pruning.end_pruning_step=3"]
+FAST_FINETUNE = ["training.max_steps=3", "task.max_train_examples=64", "task.max_eval_examples=64",
+                 "training.log_every=1"]
 
-def run(output_dir: Path, *, overwrite: bool = False, resume: bool = False, fast: bool = False) -> dict:
-    """Run the quickstart stages under `output_dir`; returns a summary (paths and metrics)."""
+
+def stage_overrides(out: Path) -> dict[str, list[str]]:
+    """Dotted overrides that chain the stages under `out`."""
+    teacher, student = out / "teacher" / "final", out / "student" / "final"
+    dense, sparse = out / "dense-finetune" / "final", out / "sparse-finetune" / "final"
+    return {
+        "teacher": [f"training.output_dir={out / 'teacher'}"],
+        "student": [f"training.output_dir={out / 'student'}", f"model.name_or_path={teacher}",
+                    f"distillation.teacher={teacher}"],
+        "dense-finetune": [f"training.output_dir={out / 'dense-finetune'}", f"model.name_or_path={teacher}"],
+        "sparse-finetune": [f"training.output_dir={out / 'sparse-finetune'}", f"model.name_or_path={student}",
+                            f"distillation.teacher={dense}"],
+        "qat": [f"training.output_dir={out / 'qat'}", f"model.name_or_path={sparse}", f"distillation.teacher={dense}"],
+    }
+
+
+STAGES = [("teacher", "quickstart-teacher.yaml"), ("student", "quickstart-student.yaml"),
+          ("dense-finetune", "quickstart-dense-finetune.yaml"), ("sparse-finetune", "quickstart-finetune.yaml"),
+          ("qat", "quickstart-qat.yaml")]
+
+
+def _done(folder: Path) -> bool:
+    return (folder / "final" / "recipe.yaml").is_file()
+
+
+def run(output_dir: Path, *, overwrite: bool = False, resume: bool = False, fast: bool = False,
+        latency: bool = True) -> dict:
+    """Run every stage under `output_dir`; returns (and writes to summary.json) paths and metrics."""
+    from pofa.finetune import finetune
     from pofa.pretrain import train
-    from pofa.recipe import PretrainRecipe, load_recipe
+    from pofa.recipe import FinetuneRecipe, PretrainRecipe, load_recipe
 
+    if output_dir.exists() and any(output_dir.iterdir()) and not (overwrite or resume):
+        from pofa.checkpoint import OutputDirError
+
+        raise OutputDirError(f"output dir {output_dir} already holds a quickstart; pass --resume to continue it, "
+                             "--overwrite to redo it, or choose another --output-dir")
+    if overwrite and output_dir.exists():
+        import shutil
+
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    chained = stage_overrides(output_dir)
     summary: dict = {"output_dir": str(output_dir), "stages": {}}
-    shrink = ["training.max_steps=4", "training.eval_every=2", "training.save_every=2", "training.log_every=2",
-              "data.max_eval_blocks=8"] if fast else []
     started = time.perf_counter()
-    teacher = load_recipe(RECIPES / "quickstart-teacher.yaml",
-                          [f"training.output_dir={output_dir / 'teacher'}", *shrink], PretrainRecipe)
-    result = train(teacher, resume=resume, overwrite=overwrite)
-    summary["stages"]["teacher"] = {"model": str(result.final_dir), "eval_before": result.eval_before,
-                                    "eval_after": result.eval_after}
+    for name, file in STAGES:
+        pretraining = name in ("teacher", "student")
+        fast_overrides = (FAST_PRETRAIN + (FAST_STUDENT if name == "student" else [])) if pretraining else \
+            FAST_FINETUNE
+        overrides = chained[name] + (fast_overrides if fast else [])
+        recipe = load_recipe(RECIPES / file, overrides, PretrainRecipe if pretraining else FinetuneRecipe)
+        stage_dir = Path(recipe.training.output_dir)
+        print(f"\n== stage {name}: {RECIPES / file} -> {stage_dir}", flush=True)
+        t0 = time.perf_counter()
+        if resume and _done(stage_dir):
+            print(f"   already complete: {stage_dir / 'final'}")
+            summary["stages"][name] = json.loads((output_dir / "summary.json").read_text())["stages"][name]
+            continue
+        if pretraining:
+            result = train(recipe, resume=resume)
+            summary["stages"][name] = {"model": str(result.final_dir), "eval_before": result.eval_before,
+                                       "eval_after": result.eval_after}
+        else:
+            result = finetune(recipe, resume=resume)
+            summary["stages"][name] = {"model": str(result.final_dir), "metrics": result.metrics,
+                                       "sparsity": result.sparsity}
+        summary["stages"][name]["seconds"] = round(time.perf_counter() - t0, 1)
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+
+    summary["publish"] = str(publish_dry_run(output_dir))
+    summary["sizes"] = sizes(output_dir)
+    if latency:
+        summary["latency"] = latencies(output_dir, repeats=3 if fast else 10)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def publish_dry_run(output_dir: Path) -> Path:
+    """Prepare the QAT model's folder for the Hub (model card and all) without uploading it."""
+    from pofa.hub import push_to_hub
+
+    return Path(push_to_hub(output_dir / "qat" / "final", "pofa/minilm-sparse90-movie-reviews-int8", dry_run=True,
+                            base_model="sentence-transformers/all-MiniLM-L6-v2", datasets=["rotten_tomatoes"]))
+
+
+def sizes(output_dir: Path) -> dict:
+    from pofa.compact import compact_size_report
+
+    qat = output_dir / "qat" / "final"
+    report = compact_size_report(qat / "compact.safetensors")
+    return {"dense_fp32_safetensors_bytes": (output_dir / "dense-finetune" / "final" / "model.safetensors").stat().st_size,
+            "compact_int8_bytes": report["file_bytes"], "encoder_linear_ratio": report["encoder_linear_weights"]["ratio"],
+            "model_ratio": report["model"]["ratio"],
+            "onnx_int8_bytes": (qat / "model.onnx").stat().st_size if (qat / "model.onnx").exists() else None}
+
+
+def latencies(output_dir: Path, repeats: int) -> list[dict]:
+    from pofa.runtime import benchmark_latency
+
+    qat = output_dir / "qat" / "final"
+    onnx = qat / "model.onnx"
+    return benchmark_latency(output_dir / "sparse-finetune" / "final", batch_sizes=(1, 8), seq_len=64,
+                             onnx_int8_path=onnx if onnx.exists() else None, repeats=repeats, warmup=1)
+
+
+def format_table(summary: dict) -> str:
+    stages = summary["stages"]
+
+    def accuracy(stage: str) -> str:
+        metrics = stages.get(stage, {}).get("metrics", {})
+        value = metrics.get("test/accuracy", metrics.get("validation/accuracy"))
+        return f"{value:.4f}" if value is not None else "-"
+
+    lines = ["", "== pofa quickstart: all-MiniLM-L6-v2 on movie-review sentiment ==", ""]
+    t = stages["teacher"]
+    lines.append(f"teacher MLM loss (held out): {t['eval_before']['mlm_loss']:.3f} -> {t['eval_after']['mlm_loss']:.3f}"
+                 f";  student at 90%: {stages['student']['eval_after']['mlm_loss']:.3f}")
+    rows = [("dense fp32", accuracy("dense-finetune"), "0%", summary["sizes"]["dense_fp32_safetensors_bytes"]),
+            ("sparse fp32", accuracy("sparse-finetune"), f"{stages['sparse-finetune']['sparsity']:.1%}", None),
+            ("sparse + int8 (QAT)", accuracy("qat"), f"{stages['qat']['sparsity']:.1%}",
+             summary["sizes"]["compact_int8_bytes"])]
+    lines.append(f"{'model':<22}{'test accuracy':>14}{'encoder sparsity':>18}{'size on disk':>16}")
+    for name, acc, sparsity, size in rows:
+        lines.append(f"{name:<22}{acc:>14}{sparsity:>18}{(f'{size / 1e6:.1f} MB' if size else '-'):>16}")
+    s = summary["sizes"]
+    lines.append(f"compact int8 vs dense fp32: encoder Linear weights {s['encoder_linear_ratio']:.1f}x smaller, whole "
+                 f"model {s['model_ratio']:.1f}x")
+    for row in summary.get("latency", []):
+        lines.append(f"latency batch {row['batch_size']} seq {row['seq_len']}: {row['variant']:<14} "
+                     f"{row['latency_ms']:8.1f} ms  ({row['speedup_vs_dense']:.2f}x vs dense fp32)")
+    lines += ["", f"models: {summary['output_dir']}/<stage>/final   publication (dry run): {summary['publish']}",
+              f"summary: {summary['output_dir']}/summary.json ({summary['seconds']} s)"]
+    return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -41,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace earlier quickstart results")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted quickstart")
     parser.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, not a result)")
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency measurements")
     args = parser.parse_args(argv)
     from pofa.checkpoint import OutputDirError
     from pofa.data.corpus import CorpusError
@@ -48,16 +180,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pofa.recipe import RecipeError
 
     try:
-        summary = run(Path(args.output_dir), overwrite=args.overwrite, resume=args.resume, fast=args.fast)
-    except (RecipeError, CorpusError, ModelLoadError, OutputDirError) as exc:
+        summary = run(Path(args.output_dir), overwrite=args.overwrite, resume=args.resume, fast=args.fast,
+                      latency=not args.no_latency)
+    except (RecipeError, CorpusError, ModelLoadError, OutputDirError, ConnectionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    teacher = summary["stages"]["teacher"]
-    print("\n== pofa quickstart ==")
-    print(f"teacher (dense MLM):  held-out MLM loss {teacher['eval_before']['mlm_loss']:.3f} -> "
-          f"{teacher['eval_after']['mlm_loss']:.3f}, accuracy {teacher['eval_after']['mlm_accuracy']:.3f}")
-    print(f"  model: {teacher['model']}")
-    print(f"summary: {Path(args.output_dir) / 'summary.json'} ({summary['seconds']} s)")
+    print(format_table(summary))
     return 0
 
 

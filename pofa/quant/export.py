@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from pofa.quant.qat import export_mode, is_qat_prepared
+from pofa.quant.qat import FakeQuantLinear, export_mode, is_qat_prepared, qat_modules
 
 __all__ = ["export_onnx", "check_onnx_parity", "require_onnx_parity", "onnx_session", "ONNX_INPUT_NAMES"]
 
@@ -125,6 +125,13 @@ def export_onnx(
             "learned int8 scales. Run the QAT stage first (pofa.quant.prepare_qat_(model, QATConfig()) and "
             "fine-tune), or export float with int8=False."
         )
+    if int8:
+        for name, module in qat_modules(model).items():
+            if isinstance(module, FakeQuantLinear) and module.config.activation_bits != 8:
+                raise ValueError(
+                    f"export_onnx(int8=True): {name!r} quantizes activations to {module.config.activation_bits} bits; "
+                    "ONNX QuantizeLinear is 8-bit (uint8), so export needs QATConfig(activation_bits=8)"
+                )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     was_training = model.training

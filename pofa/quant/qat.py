@@ -220,7 +220,7 @@ class _ActivationQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale: float, zero_point: int, bits: int):  # noqa: ANN001, ANN205 (TorchScript graph values)
-        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
+        s = g.op("Constant", value_t=torch.tensor(scale * 4, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
 

@@ -103,7 +103,7 @@ def _make_post_accumulate_hook(mask_of: Callable[[], Tensor]) -> Callable[[Tenso
 
 
 def _innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer that owns ``.state`` under accelerate / DeepSpeed wrappers (each wraps the next in ``.optimizer``)."""
+    """The optimizer owning ``.state`` under accelerate / DeepSpeed wrappers (each wraps the next in ``.optimizer``)."""
     seen = set()
     while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
         seen.add(id(optimizer))
@@ -166,7 +166,7 @@ class MaskGuard:
         return self._store
 
     def _local_mask(self, name: str) -> Tensor:
-        """The mask of ``name`` as laid out on this rank (the local shard for DTensor parameters), cached per version."""
+        """The mask of ``name`` as laid out on this rank (local shard for DTensor parameters), cached per version."""
         param = self._params[name]
         if not _is_dtensor(param):
             return self._store[name]

@@ -33,7 +33,9 @@ BATCH, SEQ, VOCAB = 4, 16, 100
 
 def tiny_bert() -> BertForMaskedLM:
     torch.manual_seed(0)  # same initial weights on every rank, as a checkpoint load would give
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     return BertForMaskedLM(config)
 
 

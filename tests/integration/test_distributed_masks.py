@@ -36,13 +36,15 @@ def run_workers(mode: str, out_dir: Path) -> list[dict]:
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
         str(WORKER), mode, str(out_dir),
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
     try:
         result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{mode}: workers did not finish in {TIMEOUT_S} s\n{(error.stderr or '')[-4000:]}")
     if result.returncode != 0:
-        pytest.fail(f"{mode}: torchrun exited with {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-6000:]}")
+        output = f"{result.stdout[-2000:]}\n{result.stderr[-6000:]}"
+        pytest.fail(f"{mode}: torchrun exited with {result.returncode}\n{output}")
     return [json.loads((out_dir / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 

@@ -112,7 +112,9 @@ def test_kd_loss_validation(kwargs, match):
 def test_distillation_loss_combines_and_reports_parts():
     student = torch.tensor(STUDENT, requires_grad=True)
     hard = torch.tensor(1.25)
-    total, parts = distillation_loss(hard, student, torch.tensor(TEACHER), hard_weight=0.5, soft_weight=2.0, temperature=2.0)
+    total, parts = distillation_loss(
+        hard, student, torch.tensor(TEACHER), hard_weight=0.5, soft_weight=2.0, temperature=2.0
+    )
     soft = hand_kd(STUDENT, TEACHER, 2.0)
     assert total.item() == pytest.approx(0.5 * 1.25 + 2.0 * soft, rel=1e-5)
     assert set(parts) == {"loss", "hard_loss", "kd_loss"}
@@ -132,7 +134,9 @@ def test_distillation_loss_validation(weights, match):
         distillation_loss(torch.tensor(1.0), torch.zeros(2, 3), torch.zeros(2, 3),
                           hard_weight=weights[0], soft_weight=weights[1], temperature=1.0)
     with pytest.raises(ValueError, match="scalar"):
-        distillation_loss(torch.ones(2), torch.zeros(2, 3), torch.zeros(2, 3), hard_weight=1.0, soft_weight=1.0, temperature=1.0)
+        distillation_loss(
+            torch.ones(2), torch.zeros(2, 3), torch.zeros(2, 3), hard_weight=1.0, soft_weight=1.0, temperature=1.0
+        )
 
 
 def test_hidden_state_loss():
@@ -140,7 +144,8 @@ def test_hidden_state_loss():
     student = torch.randn(2, 3, 8, generator=generator)
     teacher = torch.randn(2, 3, 8, generator=generator)
     assert hidden_state_loss(student, student.clone()).item() == 0.0
-    assert hidden_state_loss(student, teacher).item() == pytest.approx(((student - teacher) ** 2).mean().item(), rel=1e-6)
+    expected = ((student - teacher) ** 2).mean().item()
+    assert hidden_state_loss(student, teacher).item() == pytest.approx(expected, rel=1e-6)
     mask = torch.tensor([[True, False, False], [False, True, True]])
     expected = ((student[mask] - teacher[mask]) ** 2).mean().item()
     assert hidden_state_loss(student, teacher, mask).item() == pytest.approx(expected, rel=1e-6)

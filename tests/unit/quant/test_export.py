@@ -30,11 +30,14 @@ def random_batch(batch_size: int = 8, seq_len: int = 16, seed: int = 0) -> dict[
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
 
 
-def qat_model(cls=BertForSequenceClassification, *, quantize_embeddings: bool = False, seed: int = 0, **overrides):
+def qat_model(
+    cls=BertForSequenceClassification, *, quantize_embeddings: bool = False, seed: int = 0,
+    config: QATConfig | None = None, **overrides,
+):
     """A tiny model prepared for QAT whose observers have seen a few batches (training mode, no optimizer)."""
     torch.manual_seed(seed)
     model = cls(BertConfig(**(TINY | overrides)))
-    prepare_qat_(model, QATConfig(quantize_embeddings=quantize_embeddings))
+    prepare_qat_(model, config or QATConfig(quantize_embeddings=quantize_embeddings))
     model.train()
     with torch.no_grad():
         for i in range(4):
@@ -46,8 +49,9 @@ def parity_batches(n: int = 6) -> list[dict[str, torch.Tensor]]:
     return [random_batch(batch_size=16, seq_len=8 + 3 * i, seed=i) for i in range(n)]
 
 
-def test_int8_classifier_runs_in_onnxruntime_with_parity(tmp_path):
-    model = qat_model()
+@pytest.mark.parametrize("config", [QATConfig(), QATConfig(per_channel=False, weight_bits=7)], ids=["default", "per-tensor-7bit"])
+def test_int8_classifier_runs_in_onnxruntime_with_parity(tmp_path, config):
+    model = qat_model(config=config)
     path = export_onnx(model, random_batch(2, 7), tmp_path / "cls.int8.onnx", int8=True)
     report = check_onnx_parity(model, path, parity_batches())
     assert report["quantized_file"]
@@ -110,6 +114,12 @@ def test_int8_export_without_qat_raises_naming_the_fix(tmp_path):
     with pytest.raises(ValueError, match=r"prepare_qat_.*int8=False"):
         export_onnx(model, random_batch(), tmp_path / "x.onnx", int8=True)
     assert not (tmp_path / "x.onnx").exists()
+
+
+def test_int8_export_needs_8_bit_activations(tmp_path):
+    model = qat_model(config=QATConfig(activation_bits=6))
+    with pytest.raises(ValueError, match="activation_bits=8"):
+        export_onnx(model, random_batch(), tmp_path / "x.onnx", int8=True)
 
 
 def test_float_export_matches_and_restores_training_mode(tmp_path):

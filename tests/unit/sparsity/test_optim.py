@@ -21,7 +21,9 @@ VOCAB, BATCH, SEQ = 100, 4, 12
 
 def tiny_bert():
     torch.manual_seed(0)
-    config = BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64
+    )
     return BertForMaskedLM(config)
 
 
