@@ -42,7 +42,7 @@ import torch
 
 from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
 from pofa.data.corpus import CorpusError
-from pofa.data.mlm import MLMBatcher, build_block_cache, split_blocks
+from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
 from pofa.loop import build_optimizer, lr_multiplier, plan_steps, set_learning_rate
 from pofa.modeling import MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions
 from pofa.recipe import PretrainRecipe, RecipeError, load_recipe, save_recipe
@@ -156,6 +156,22 @@ class Pruner:
         self.store.load_state_dict(MaskStore.load(folder / "masks.safetensors").state_dict())
 
 
+def make_batcher(recipe: PretrainRecipe, tokenizer, accelerator) -> MLMBatcher:
+    """Packed, cached blocks for map-style corpora; on-the-fly blocks when a source is streamed."""
+    d, t = recipe.data, recipe.training
+    common = dict(per_device_batch_size=t.per_device_batch_size, num_processes=accelerator.num_processes,
+                  process_index=accelerator.process_index, seed=t.seed, mlm_probability=d.mlm_probability)
+    if any(source.streaming for source in d.sources):
+        return StreamingMLMBatcher(d.sources, tokenizer, block_length=d.max_seq_length,
+                                   eval_blocks=d.max_eval_blocks if d.eval_fraction > 0 else 0, **common)
+    with accelerator.main_process_first():
+        blocks_path = build_block_cache(d.sources, tokenizer, d.max_seq_length, d.cache_dir,
+                                        log=lambda m: _log(accelerator, m))
+    split = split_blocks(np.load(blocks_path, mmap_mode="r"), eval_fraction=d.eval_fraction,
+                         max_eval_blocks=d.max_eval_blocks, seed=t.seed)
+    return MLMBatcher(split, tokenizer, **common)
+
+
 def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = False) -> RunResult:
     """Run the recipe; returns where the final model is and the held-out metrics before and after."""
     output_dir = Path(recipe.training.output_dir)
@@ -171,18 +187,12 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
         raise RecipeError(f"data.max_seq_length: {d.max_seq_length} exceeds the model's maximum of {limit} positions "
                           f"({recipe.model.name_or_path})")
 
-    with accelerator.main_process_first():
-        blocks_path = build_block_cache(d.sources, tokenizer, d.max_seq_length, d.cache_dir,
-                                        log=lambda m: _log(accelerator, m))
-    split = split_blocks(np.load(blocks_path, mmap_mode="r"), eval_fraction=d.eval_fraction,
-                         max_eval_blocks=d.max_eval_blocks, seed=t.seed)
+    batcher = make_batcher(recipe, tokenizer, accelerator)
+    n_train = "streamed" if isinstance(batcher, StreamingMLMBatcher) else len(batcher.split.train_indices)
     plan = plan_steps(max_steps=t.max_steps, per_device_batch_size=t.per_device_batch_size,
                       gradient_accumulation_steps=t.gradient_accumulation_steps,
                       num_processes=accelerator.num_processes, warmup_ratio=t.warmup_ratio,
                       warmup_steps=t.warmup_steps)
-    batcher = MLMBatcher(split, tokenizer, per_device_batch_size=t.per_device_batch_size,
-                         num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                         seed=t.seed, mlm_probability=d.mlm_probability)
     batcher.train_batch(0)  # fails now, with a clear message, if the data is smaller than one global batch
 
     torch.manual_seed(t.seed)
@@ -233,8 +243,8 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
 
     n_params = sum(p.numel() for p in model.parameters())
     _log(accelerator, f"{recipe.stage}: {recipe.model.name_or_path} ({n_params / 1e6:.1f} M parameters), "
-                      f"{len(split.train_indices)} training blocks of {d.max_seq_length} tokens, "
-                      f"{len(split.eval_indices)} held out; {plan.max_steps} steps x {plan.global_batch_size} "
+                      f"{n_train} training blocks of {d.max_seq_length} tokens, "
+                      f"{len(batcher.split.eval_indices)} held out; {plan.max_steps} steps x {plan.global_batch_size} "
                       f"sequences ({accelerator.num_processes} process(es) x {t.per_device_batch_size} x "
                       f"{t.gradient_accumulation_steps} accumulation)")
     if eval_before is None:

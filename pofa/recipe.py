@@ -68,7 +68,7 @@ class CorpusSource:
     """Column that holds the text."""
 
     streaming: bool = False
-    """Read a Hub source as a stream (for corpora larger than the disk); tokenization then happens on the fly."""
+    """Read the source as a stream (for corpora larger than the disk): blocks are tokenized on the fly, not cached."""
 
     max_documents: int | None = None
     """Read at most this many documents from the source (quick experiments)."""

@@ -82,7 +82,7 @@ def _read_source(source: CorpusSource, cache_dir: str | None) -> datasets.Datase
         where = f"files {', '.join(map(str, files[:3]))}{' ...' if len(files) > 3 else ''}"
         try:
             ds = datasets.load_dataset(kind, data_files=[str(f) for f in files], split="train", cache_dir=cache_dir,
-                                       **kwargs)
+                                       streaming=source.streaming, **kwargs)
         except ValueError as exc:  # datasets says "corresponds to no data" for empty files
             if "no data" in str(exc):
                 raise CorpusError(f"the corpus is empty: no documents in {where}") from None

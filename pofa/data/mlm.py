@@ -249,3 +249,60 @@ class MLMBatcher:
 
     def tokens_per_micro_step(self) -> int:
         return self.per_device_batch_size * self.split.blocks.shape[1]
+
+
+class StreamingMLMBatcher(MLMBatcher):
+    """MLMBatcher for streamed corpora (larger than the disk): blocks are tokenized and packed on the fly.
+
+    The first `eval_blocks` blocks of the stream are held out. After them, training block `j` goes to process
+    `j % num_processes`; micro-step `m` of a process takes its blocks `m * batch .. (m + 1) * batch - 1`. The stream
+    is read once, in order; resuming at micro-step `m` skips (re-reads, does not train on) the blocks before it.
+    Epochs: when the stream ends it starts again from the beginning.
+    """
+
+    def __init__(self, sources, tokenizer, *, block_length: int, eval_blocks: int, per_device_batch_size: int,
+                 num_processes: int, process_index: int, seed: int, mlm_probability: float, cache_dir=None):
+        self.sources, self.tokenizer, self.block_length, self.cache_dir = sources, tokenizer, block_length, cache_dir
+        self.cls_id, self.sep_id = _special_ids(tokenizer)
+        stream = self._blocks()
+        held_out = [block for _, block in zip(range(eval_blocks), stream)]
+        if len(held_out) < eval_blocks:
+            raise CorpusError(f"the streamed corpus ({', '.join(describe_source(s) for s in sources)}) has fewer "
+                              f"than {eval_blocks} blocks of {block_length} tokens")
+        blocks = np.stack(held_out) if held_out else np.zeros((0, block_length), dtype=np.int32)
+        super().__init__(BlockSplit(blocks, np.zeros(0, dtype=np.int64), np.arange(len(blocks))), tokenizer,
+                         per_device_batch_size=per_device_batch_size, num_processes=num_processes,
+                         process_index=process_index, seed=seed, mlm_probability=mlm_probability)
+        self.eval_blocks = eval_blocks
+        self._stream: Iterator[np.ndarray] | None = None
+        self._next_micro_step = 0
+
+    def _blocks(self) -> Iterator[np.ndarray]:
+        documents = load_documents(self.sources, cache_dir=self.cache_dir)
+        return pack_blocks(tokenize_batches((row["text"] for row in documents), self.tokenizer),
+                           block_length=self.block_length, cls_id=self.cls_id, sep_id=self.sep_id)
+
+    def _training_blocks(self) -> Iterator[np.ndarray]:
+        """This process's training blocks, in stream order, forever (the stream restarts when it ends)."""
+        while True:
+            produced = 0
+            for index, block in enumerate(self._blocks()):
+                if index >= self.eval_blocks and (index - self.eval_blocks) % self.num_processes == self.process_index:
+                    produced += 1
+                    yield block
+            if produced == 0:
+                raise CorpusError("the streamed corpus has no training blocks after the held-out ones")
+
+    def train_batch(self, micro_step: int) -> dict[str, torch.Tensor]:
+        if self._stream is None or micro_step < self._next_micro_step:
+            self._stream, self._next_micro_step = self._training_blocks(), 0
+        size = self.per_device_batch_size
+        for _ in range((micro_step - self._next_micro_step) * size):  # resuming: skip what was trained on
+            next(self._stream)
+        rows = np.stack([next(self._stream) for _ in range(size)])
+        self._next_micro_step = micro_step + 1
+        input_ids = torch.from_numpy(rows.astype(np.int64))
+        inputs, labels = mask_tokens(input_ids, mask_token_id=self.mask_token_id, vocab_size=self.vocab_size,
+                                     special_ids=self.special_ids, mlm_probability=self.mlm_probability,
+                                     generator=step_generator(self.seed, micro_step, self.process_index))
+        return {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}

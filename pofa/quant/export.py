@@ -15,17 +15,19 @@ DequantizeLinear pairs directly with the learned scales, with no graph rewriting
 The int8 graph (QDQ format): every fake-quant Linear becomes
 ``MatMul(DequantizeLinear(QuantizeLinear(x, s_x, z_x)), DequantizeLinear(W_t int8, s_w per column, 0)) + bias``,
 with ``W_t`` a named int8 initializer (``<module>.onnx_qweight_t``); onnxruntime fuses the pattern into integer
-MatMul kernels. Embedding tables quantized in QAT are stored int8 and gathered before scaling. Task heads, LayerNorm
+MatMul kernels (``MatMulIntegerToFloat``). Mind ``weight_dtype`` on x86 CPUs without VNNI (see ``export_onnx``):
+measured here (AVX2), a QDQ MatMul with full-range 8-bit int8 weights is off by whole units of saturation. Embedding tables quantized in QAT are stored int8 and gathered before scaling. Task heads, LayerNorm
 and attention stay float.
 """
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from contextlib import nullcontext
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -69,7 +71,8 @@ def _example_inputs(model: nn.Module, tokenizer_or_example_inputs: Any) -> dict[
     if "input_ids" not in inputs:
         raise ValueError(f"export_onnx: the example inputs have no 'input_ids' (keys: {sorted(inputs)})")
     device = next(model.parameters()).device
-    return {name: inputs[name].to(device) for name in ONNX_INPUT_NAMES if name in inputs}
+    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+    return {name: inputs[name].to(device) for name in ONNX_INPUT_NAMES if name in inputs and name in accepted}
 
 
 def _grown(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -106,6 +109,7 @@ def export_onnx(
     *,
     int8: bool,
     opset: int = 17,
+    weight_dtype: Literal["int8", "uint8"] = "int8",
     parity_batches: Iterable[Mapping[str, Tensor]] | None = None,
     min_agreement: float = 0.99,
 ) -> Path:
@@ -114,6 +118,11 @@ def export_onnx(
     ``int8=True`` needs a model prepared with :func:`pofa.quant.prepare_qat_` (and trained, so the activation
     observers have data) and writes a QDQ graph with int8 weight initializers and the learned scales.
     ``int8=False`` writes a float graph (for a QAT model: the float model, fake-quant switched off).
+    ``weight_dtype``: how the int8 Linear weights are stored. ``"int8"`` (zero-point 0): onnxruntime runs its
+    U8S8 kernels, the fastest, exact on x86 CPUs with VNNI; on x86 CPUs with AVX2 only (as here), their
+    16-bit intermediate sums saturate with 8-bit weights, so there train with ``QATConfig(weight_bits=7)``
+    (exact: 2 x 255 x 63 fits in int16) or export ``"uint8"``: the same values stored as ``q + 128`` with
+    zero-point 128, which runs U8U8 kernels, exact everywhere but ~3x slower per MatMul on AVX2.
     Inputs: ``input_ids`` and, when given by the example, ``attention_mask`` and ``token_type_ids``, int64 with
     dynamic ``batch`` and ``sequence`` axes; outputs: the model's prediction fields by name (``logits``;
     ``start_logits``/``end_logits``; ``last_hidden_state``...). With ``parity_batches``, runs
@@ -139,7 +148,7 @@ def export_onnx(
     try:
         inputs = _example_inputs(model, tokenizer_or_example_inputs)
         mode = "int8" if int8 else "float"
-        with export_mode(model, mode):
+        with export_mode(model, mode, weight_dtype=weight_dtype):
             axes = _output_axes(model, inputs)
             wrapper = _Positional(model, list(inputs), list(axes)).eval()
             dynamic_axes = {name: {0: "batch", 1: "sequence"} for name in inputs} | axes
@@ -149,6 +158,7 @@ def export_onnx(
                 warnings.simplefilter("ignore", DeprecationWarning)
                 warnings.simplefilter("ignore", torch.jit.TracerWarning)
                 warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python.*")
+                # transformers' attention-mask construction indexes with positions, which are never negative.
                 warnings.filterwarnings("ignore", message=".*Exporting aten::index operator.*")
                 torch.onnx.export(
                     wrapper,
@@ -161,8 +171,6 @@ def export_onnx(
                     dynamic_axes=dynamic_axes,
                     do_constant_folding=True,
                 )
-            # torch.onnx.export restores the training flag the wrapper had; keep the model in eval for the check.
-            model.eval()
     finally:
         model.train(was_training)
     _strip_wrapper_prefix(path)

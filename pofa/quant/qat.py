@@ -35,8 +35,9 @@ The quantization scheme, and why it maps onto ONNX QDQ and onnxruntime's x86 int
   moving-average min/max observer updated in training mode until frozen. uint8 activations x int8 weights (U8S8)
   is the layout of onnxruntime's x86 integer GEMM (MLAS), and the one its quantization tool recommends for x86
   CPUs; an asymmetric range also spends no code on the near-empty negative side of GELU outputs (the input of
-  each FFN output Linear). On x86 CPUs without VNNI (AVX2 only) the U8S8 kernel can saturate int16
-  intermediates; onnxruntime's answer is 7-bit weights (``QATConfig(weight_bits=7)``).
+  each FFN output Linear). On x86 CPUs without VNNI (AVX2 only) the U8S8 kernel saturates its int16
+  intermediates with full-range 8-bit weights (measured here); onnxruntime's answer is 7-bit weights
+  (``QATConfig(weight_bits=7)``), or export them as uint8 (``export_onnx(..., weight_dtype="uint8")``).
 - Gradients: a straight-through estimator. Weights: identity. Activations: identity inside the representable
   range, zero outside it (the clipped STE of Jacob et al. 2018).
 """
@@ -220,25 +221,28 @@ class _ActivationQDQ(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, scale: float, zero_point: int, bits: int):  # noqa: ANN001, ANN205 (TorchScript graph values)
-        s = g.op("Constant", value_t=torch.tensor(scale * 4, dtype=torch.float32))
+        s = g.op("Constant", value_t=torch.tensor(scale, dtype=torch.float32))
         z = g.op("Constant", value_t=torch.tensor(zero_point, dtype=torch.uint8))
         return g.op("DequantizeLinear", g.op("QuantizeLinear", x, s, z), s, z)
 
 
 class _DequantizeTransposedWeight(torch.autograd.Function):
-    """int8 weight stored transposed ``[in, out]`` -> float; exported as ONNX DequantizeLinear over axis 1.
+    """Integer weight stored transposed ``[in, out]`` -> float; exported as ONNX DequantizeLinear over axis 1.
 
     The transposed layout lets the exported graph read ``MatMul(DQ(Q(x)), DQ(W_t))`` with no Transpose between the
-    DequantizeLinear and the MatMul, the pattern onnxruntime fuses into an integer MatMul.
+    DequantizeLinear and the MatMul, the pattern onnxruntime fuses into an integer MatMul. ``q_t`` is int8 with
+    zero-point 0, or the same values stored as uint8 + 128 with zero-point 128 (see ``export_mode``).
     """
 
     @staticmethod
-    def forward(ctx, q_t: Tensor, scale: Tensor) -> Tensor:  # type: ignore[override]
-        return q_t.float() * scale  # scale: [out] broadcasts over the last axis, or a 0-d per-tensor scale
+    def forward(ctx, q_t: Tensor, scale: Tensor, zero_point: int) -> Tensor:  # type: ignore[override]
+        # scale: [out] broadcasts over the last axis, or a 0-d per-tensor scale.
+        return (q_t.float() - zero_point) * scale if zero_point else q_t.float() * scale
 
     @staticmethod
-    def symbolic(g, q_t, scale):  # noqa: ANN001, ANN205
-        zero = torch.zeros(scale.type().sizes() or [], dtype=torch.int8)
+    def symbolic(g, q_t, scale, zero_point: int):  # noqa: ANN001, ANN205
+        dtype = torch.uint8 if zero_point else torch.int8
+        zero = torch.full(scale.type().sizes() or [], zero_point, dtype=dtype)
         z = g.op("Constant", value_t=zero)
         if zero.dim() == 0:
             return g.op("DequantizeLinear", q_t, scale, z)
@@ -304,7 +308,8 @@ class FakeQuantLinear(nn.Linear):
             scale, zero_point = self.activation_qparams()
             x = _ActivationQDQ.apply(x, scale, zero_point, self.config.activation_bits)
         if self._export_mode == "int8":
-            w_t = _DequantizeTransposedWeight.apply(self.onnx_qweight_t, self.onnx_wscale)
+            zero_point = 128 if self.onnx_qweight_t.dtype == torch.uint8 else 0
+            w_t = _DequantizeTransposedWeight.apply(self.onnx_qweight_t, self.onnx_wscale, zero_point)
             y = torch.matmul(x, w_t)
             return y if self.bias is None else y + self.bias
         w = _WeightSTE.apply(self.weight, self.weight_scale(), self.config.weight_bits)
@@ -502,13 +507,20 @@ def convert_to_int8(model: nn.Module) -> dict[str, QuantizedModule]:
 
 
 @contextmanager
-def export_mode(model: nn.Module, mode: ExportMode) -> Iterator[nn.Module]:
+def export_mode(
+    model: nn.Module, mode: ExportMode, *, weight_dtype: Literal["int8", "uint8"] = "int8"
+) -> Iterator[nn.Module]:
     """Within the context, fake-quant modules run as ONNX export wants them; restored on exit.
 
-    ``"int8"``: int8 weights (temporary buffers ``onnx_qweight_t``/``onnx_qweight`` and ``onnx_wscale``, so they
-    become named int8 initializers) dequantized by DequantizeLinear, activations as QuantizeLinear/DequantizeLinear.
+    ``"int8"``: integer weights (temporary buffers ``onnx_qweight_t``/``onnx_qweight`` and ``onnx_wscale``, so they
+    become named initializers) dequantized by DequantizeLinear, activations as QuantizeLinear/DequantizeLinear.
+    ``weight_dtype="uint8"`` stores the Linear weights as ``q + 128`` with zero-point 128: the same values, but
+    onnxruntime then runs U8U8 kernels instead of U8S8 (see :func:`pofa.quant.export_onnx`). Embedding tables stay
+    int8 (they are gathered, not multiplied).
     ``"float"``: plain float modules (the model before quantization).
     """
+    if weight_dtype not in ("int8", "uint8"):
+        raise ValueError(f"export_mode: weight_dtype must be 'int8' or 'uint8', got {weight_dtype!r}")
     modules = qat_modules(model)
     if mode == "int8":
         for name, quantized in convert_to_int8(model).items():
@@ -517,7 +529,10 @@ def export_mode(model: nn.Module, mode: ExportMode) -> Iterator[nn.Module]:
             if isinstance(module, FakeQuantLinear):
                 if not module.config.per_channel:
                     scale = scale.reshape(())
-                module.register_buffer("onnx_qweight_t", quantized.weight.q.t().contiguous())
+                q_t = quantized.weight.q.t().contiguous()
+                if weight_dtype == "uint8":
+                    q_t = (q_t.to(torch.int16) + 128).to(torch.uint8)
+                module.register_buffer("onnx_qweight_t", q_t)
             else:
                 module.register_buffer("onnx_qweight", quantized.weight.q)
             module.register_buffer("onnx_wscale", scale)

@@ -101,6 +101,12 @@ def _is_zero3(param: Tensor) -> bool:
     return hasattr(param, "ds_id")
 
 
+def _is_deepspeed_param(param: Tensor) -> bool:
+    # Attributes that DeepSpeed's ZeRO-3 (ds_id) and ZeRO-1/2 / bf16 optimizers (_hp_mapping) attach to parameters;
+    # checking sys.modules first means deepspeed is never imported here.
+    return "deepspeed" in sys.modules and (_is_zero3(param) or hasattr(param, "_hp_mapping"))
+
+
 def _is_dtensor(tensor: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
@@ -145,7 +151,7 @@ def deepspeed_master_weight(param: Tensor) -> Tensor | None:
     call on every rank, in the same order. Never imports deepspeed itself: a parameter can only carry DeepSpeed's
     attributes if deepspeed was imported already.
     """
-    if "deepspeed" not in sys.modules or not (_is_zero3(param) or hasattr(param, "_hp_mapping")):
+    if not _is_deepspeed_param(param):
         return None
     from deepspeed.utils import safe_get_full_fp32_param
 
@@ -652,13 +658,18 @@ class MaskStore:
         Raises:
             MaskFileError: if ``state`` is not a pofa mask state dict.
         """
-        if state.get("format") != _MASK_FILE_FORMAT or not isinstance(state.get("packed"), Mapping):
+        packed, shapes = state.get("packed"), state.get("shapes")
+        if (
+            state.get("format") != _MASK_FILE_FORMAT
+            or not isinstance(packed, Mapping)
+            or not isinstance(shapes, Mapping)
+            or set(packed) != set(shapes)
+        ):
             raise MaskFileError(f"not a pofa mask state dict (keys: {sorted(state)})")
-        shapes = state["shapes"]
         device = next(iter(self._masks.values())).device if self._masks else torch.device("cpu")
         loaded = {
-            name: _unpack(packed.numpy(), shapes[name], f"state_dict [{name}]")
-            for name, packed in state["packed"].items()
+            name: _unpack(bits.numpy(), shapes[name], f"state_dict [{name}]")
+            for name, bits in packed.items()
         }
         masks: dict[str, Tensor] = {}
         for name, mask in loaded.items():

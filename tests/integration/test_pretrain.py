@@ -179,3 +179,37 @@ def test_from_scratch_with_config_overrides(tiny_model_dir, tmp_path, cache_dir)
                          model={"from_scratch": True, "config_overrides": {"num_hidden_layers": 1}})
     result = train(recipe)
     assert json.loads((result.final_dir / "config.json").read_text())["num_hidden_layers"] == 1
+
+
+def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+    from pofa.data.corpus import python_docs_documents
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(python_docs_documents()[:40]))
+    sections = {"data": {"sources": [{"files": [str(corpus)], "streaming": True}], "max_eval_blocks": 16},
+                "training": {"max_steps": 6, "save_every": 3}}
+    straight = train(tiny_recipe(tiny_model_dir, tmp_path / "a", cache_dir, **sections))
+    assert not (cache_dir / "blocks").exists()  # streamed: nothing cached on disk
+
+    import pofa.checkpoint as checkpoint
+
+    class Killed(Exception):
+        pass
+
+    original = checkpoint.Checkpointer.save
+
+    def save_then_die(self, step, state, recipe):
+        folder = original(self, step, state, recipe)
+        if step == 3:
+            raise Killed
+        return folder
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "b", cache_dir, **sections)
+    with pytest.raises(Killed):
+        train(recipe)
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
+    resumed = train(recipe, resume=True)
+    a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.eval_after == straight.eval_after

