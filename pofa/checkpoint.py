@@ -97,6 +97,7 @@ class Checkpointer:
             tmp.mkdir(parents=True)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        acc.wait_for_everyone()  # every rank's shard (DeepSpeed, FSDP) must be on disk before the folder is completed
         if acc.is_main_process:
             for save, _ in self.extras:
                 save(tmp)

@@ -17,8 +17,9 @@ Linear weight, plus every weight quantized by QAT):
 
 Every other tensor is stored as it is under its own name; a tensor that shares storage with another one (tied
 weights) is stored once and recorded as an alias. The metadata key ``pofa`` holds JSON: format name and version,
-per compacted tensor its shape, dtype and encoding, the aliases, the saved model's class name, and for QAT models the QAT config, the quantized
-module names and their activation scale/zero-point (so the file alone is enough to deploy int8).
+per compacted tensor its shape, dtype and encoding, the aliases, the saved model's class name, and for QAT models
+the QAT config, the quantized module names and their activation scale/zero-point (so the file alone is enough to
+deploy int8).
 
 Lossless: the float encoding rebuilds every value bitwise; pruned positions come back as +0.0 (a ``-0.0`` left by
 masking, equal as a number, loses its sign). The int8 encoding rebuilds ``q * scale``, bitwise equal to the
@@ -168,7 +169,9 @@ def save_compact(
         if name in masks:
             kept = masks[name].to(device="cpu", dtype=torch.bool)
             if kept.shape != tensor.shape:
-                raise ValueError(f"save_compact: mask of {name!r} has shape {tuple(kept.shape)}, weight {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"save_compact: mask of {name!r} has shape {tuple(kept.shape)}, its weight {tuple(tensor.shape)}"
+                )
             outside = int(torch.count_nonzero(values_source[~kept]))
             if outside:
                 raise ValueError(
@@ -240,7 +243,9 @@ def _rebuild(path: Path, name: str, entry: Mapping[str, Any], parts: Mapping[str
     dtype = getattr(torch, entry["dtype"])
     bitmask, values = parts["bitmask"], parts["values"]
     if bitmask.numel() != (numel + 7) // 8:
-        raise CompactFormatError(f"{path}: {name}: bitmask has {bitmask.numel()} bytes, shape {shape} needs {(numel + 7) // 8}")
+        raise CompactFormatError(
+            f"{path}: {name}: bitmask has {bitmask.numel()} bytes, shape {shape} needs {(numel + 7) // 8}"
+        )
     kept = torch.from_numpy(np.unpackbits(bitmask.numpy(), count=numel).astype(np.bool_))
     n_kept = int(kept.sum())
     if n_kept != values.numel() or n_kept != entry.get("n_kept", n_kept):
@@ -367,7 +372,8 @@ def compact_size_report(path: str | Path) -> dict[str, Any]:
 
     def summary(names: list[str]) -> dict[str, Any]:
         d, c = sum(dense[n] for n in names), sum(stored[n] for n in names)
-        return {"n_tensors": len(names), "dense_fp32_bytes": d, "compact_bytes": c, "ratio": d / c if c else float("nan")}
+        ratio = d / c if c else float("nan")
+        return {"n_tensors": len(names), "dense_fp32_bytes": d, "compact_bytes": c, "ratio": ratio}
 
     encoder = [n for n in dense if ndim[n] == 2 and _ENCODER_LINEAR_WEIGHT.search(n)]
     enc = summary(encoder)

@@ -33,8 +33,8 @@ import torch
 
 from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
 from pofa.data.mlm import batch_indices
-from pofa.loop import build_optimizer, lr_multiplier, plan_steps, set_learning_rate, steps_for_epochs
-from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path
+from pofa.loop import build_optimizer, configure_deepspeed, lr_multiplier, plan_steps, set_learning_rate, steps_for_epochs
+from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path, unpartitioned
 from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe, save_recipe
 
 RESUME_KEYS = ["model", "task", "training.seed", "training.per_device_batch_size",
@@ -275,7 +275,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     pattern_before = zero_pattern(model, store) if store is not None else None
     teacher = None
     if recipe.distillation.teacher:
-        teacher = load_task_model(recipe.distillation.teacher, data.spec)
+        with unpartitioned():  # the frozen teacher is never wrapped by DeepSpeed
+            teacher = load_task_model(recipe.distillation.teacher, data.spec)
         teacher.requires_grad_(False).eval().to(accelerator.device)
     max_steps = t.max_steps or steps_for_epochs(
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,
@@ -303,8 +304,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     accelerator.wait_for_everyone()
     optimizer = build_optimizer(model, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    if accelerator.state.deepspeed_plugin is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
+    configure_deepspeed(accelerator, t.per_device_batch_size)
     prepared, optimizer = accelerator.prepare(model, optimizer)
     guard = None
     if store is not None:
@@ -373,7 +373,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
         from pofa.sparsity import check_masks
 
         check_masks(model, store)
-        after = zero_pattern(model, store)
+        after = {name: (weight == 0).cpu() for name, weight in guard.full_weights().items()}
         changed = [n for n in pattern_before if not torch.equal(pattern_before[n], after[n])]
         if changed:  # a zero was revived, or a kept weight became exactly zero: the pattern is not the input's
             raise RuntimeError(f"the zero pattern changed during fine-tuning in {changed[:3]}")
@@ -405,6 +405,11 @@ def save_final(accelerator, model, tokenizer, recipe: FinetuneRecipe, output_dir
     """Write `final/` atomically: model, tokenizer, recipe, eval results, masks + sparsity report, compact, ONNX."""
     final_dir, tmp = output_dir / "final", output_dir / ".tmp-final"
     state_dict = accelerator.get_state_dict(model)
+    report = None
+    if store is not None:  # a collective under DeepSpeed ZeRO / FSDP: every rank takes part
+        from pofa.sparsity import sparsity_report
+
+        report = sparsity_report(accelerator.unwrap_model(model), store)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -419,10 +424,7 @@ def save_final(accelerator, model, tokenizer, recipe: FinetuneRecipe, output_dir
             {"task": data.spec.name, "dataset": source if isinstance(source, str) else data.spec.name,
              "metrics": metrics}, indent=2))
         if store is not None:
-            from pofa.sparsity import format_sparsity_table, sparsity_report
-
             store.save(tmp / MASK_FILE)
-            report = sparsity_report(unwrapped, store)
             (tmp / "sparsity.json").write_text(json.dumps(report, indent=2))
         if recipe.export.compact:
             from pofa.compact import save_compact

@@ -106,12 +106,39 @@ def new_accelerator(**kwargs):
     accelerate keeps its state in process-wide singletons; the quickstart (and a notebook) runs several stages, with
     different precision and accumulation, in one process. The process group itself (PartialState) is kept.
     """
+    import os
+
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import InitProcessGroupKwargs
 
     AcceleratorState._reset_state(reset_partial_state=False)
     GradientState._reset_state()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available():
+        # Several processes without a GPU (torchrun on CPUs): accelerate only sets up the process group when told
+        # cpu=True, except under DeepSpeed, which must not get cpu=True and needs the gloo backend instead.
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            kwargs["kwargs_handlers"] = [*kwargs.get("kwargs_handlers", []), InitProcessGroupKwargs(backend="gloo")]
+        else:
+            kwargs["cpu"] = True
     return Accelerator(**kwargs)
+
+
+def configure_deepspeed(accelerator, per_device_batch_size: int) -> None:
+    """Fill what DeepSpeed needs from the recipe before `prepare`, when DeepSpeed is on.
+
+    pofa's loops feed batches themselves (no DataLoader for accelerate to infer the micro-batch from), and the final
+    model is written as a whole Hugging Face folder, which under ZeRO-3 needs the weights gathered at save time.
+    """
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is None:
+        return
+    config = plugin.deepspeed_config
+    config["train_micro_batch_size_per_gpu"] = per_device_batch_size
+    zero = config.setdefault("zero_optimization", {})
+    if zero.get("stage") == 3:  # accelerate's own default is False, which would make `final/` impossible to write
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+        plugin.zero3_save_16bit_model = True
 
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:

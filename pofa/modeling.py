@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.resources
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -80,6 +81,25 @@ def load_mlm_model(name_or_path: str, *, revision: str | None = None, from_scrat
         return AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _explain(path, "model", exc) from None
+
+
+@contextmanager
+def unpartitioned():
+    """Load models whole inside this block even when DeepSpeed ZeRO-3 is on.
+
+    Under ZeRO-3 transformers partitions every model it loads, expecting DeepSpeed to wrap it; a frozen teacher is
+    never wrapped, so it must be loaded whole.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        if config is not None:
+            hf_deepspeed.set_hf_deepspeed_config(config)
 
 
 def max_positions(config) -> int | None:

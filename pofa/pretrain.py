@@ -32,7 +32,6 @@ import os
 import shutil
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,8 +42,9 @@ import torch
 from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
 from pofa.data.corpus import CorpusError
 from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
-from pofa.loop import build_optimizer, lr_multiplier, plan_steps, set_learning_rate
-from pofa.modeling import MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions
+from pofa.loop import build_optimizer, configure_deepspeed, lr_multiplier, plan_steps, set_learning_rate
+from pofa.modeling import (MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions,
+                           unpartitioned)
 from pofa.recipe import PretrainRecipe, RecipeError, load_recipe, save_recipe
 
 logger = logging.getLogger("pofa.pretrain")
@@ -108,15 +108,14 @@ class Pruner:
     """Attaches gradual magnitude pruning to the loop: the schedule, the MaskStore and the MaskGuard."""
 
     def __init__(self, recipe: PretrainRecipe, model, accelerator):
-        from pofa.sparsity import DEFAULT_TARGETS, MaskGuard, MaskStore, select_targets
+        from pofa.sparsity import DEFAULT_TARGETS, MaskGuard, MaskStore
 
         self.config = recipe.pruning
         self.accelerator = accelerator
         self.model = model
-        names = select_targets(model.named_parameters(), include=self.config.include or DEFAULT_TARGETS,
-                               exclude=self.config.exclude)
-        params = dict(model.named_parameters())
-        self.store = MaskStore({n: torch.ones_like(params[n], dtype=torch.bool) for n in names})
+        # Full shapes, also where DeepSpeed ZeRO-3 leaves each process an empty shard.
+        self.store = MaskStore.dense(model.named_parameters(), include=self.config.include or DEFAULT_TARGETS,
+                                     exclude=self.config.exclude)
         self.guard = MaskGuard(model, self.store)
         self.end_pruning_step = self.config.end_pruning_step or self.config.end_step
 
@@ -204,7 +203,8 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     teacher = None
     if recipe.distillation.teacher:
         teacher_dtype = torch.bfloat16 if recipe.distillation.teacher_dtype == "bfloat16" else torch.float32
-        teacher = load_mlm_model(recipe.distillation.teacher, dtype=teacher_dtype)
+        with unpartitioned():  # the frozen teacher is never wrapped by DeepSpeed
+            teacher = load_mlm_model(recipe.distillation.teacher, dtype=teacher_dtype)
         teacher.requires_grad_(False).eval().to(accelerator.device)
         teacher = MaskedLM(teacher, all_logits=t.mlm_logits == "all")
 
@@ -214,8 +214,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     student = MaskedLM(model, all_logits=t.mlm_logits == "all")
     optimizer = build_optimizer(model, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    if accelerator.state.deepspeed_plugin is not None:
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = t.per_device_batch_size
+    configure_deepspeed(accelerator, t.per_device_batch_size)
     student, optimizer = accelerator.prepare(student, optimizer)
     pruner = Pruner(recipe, model, accelerator) if recipe.pruning.enabled else None
 
@@ -338,7 +337,14 @@ def save_final(accelerator, wrapped, model, tokenizer, recipe, output_dir: Path,
     """
     final_dir = output_dir / "final"
     tmp = output_dir / ".tmp-final"
-    state_dict = {k.removeprefix("model."): v for k, v in accelerator.get_state_dict(wrapped).items()}
+    # A collective under ZeRO-3 / FSDP; only the main process receives the weights (the others get None).
+    state_dict = {k.removeprefix("model."): v for k, v in (accelerator.get_state_dict(wrapped) or {}).items()}
+    report = None
+    if pruner is not None:  # collectives under DeepSpeed ZeRO / FSDP: every rank takes part
+        from pofa.sparsity import check_masks, sparsity_report
+
+        check_masks(model, pruner.store)
+        report = sparsity_report(model, pruner.store)
     if accelerator.is_main_process:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -349,11 +355,9 @@ def save_final(accelerator, wrapped, model, tokenizer, recipe, output_dir: Path,
         if metrics is not None:
             (tmp / "train_results.json").write_text(json.dumps(metrics, indent=2))
         if pruner is not None:
-            from pofa.sparsity import check_masks, format_sparsity_table, sparsity_report
+            from pofa.sparsity import format_sparsity_table
 
-            check_masks(unwrapped, pruner.store)
             pruner.store.save(tmp / "masks.safetensors")
-            report = sparsity_report(unwrapped, pruner.store)
             (tmp / "sparsity.json").write_text(json.dumps(report, indent=2))
             print(format_sparsity_table(report), flush=True)
         if final_dir.exists():

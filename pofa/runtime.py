@@ -62,7 +62,7 @@ class SparseRuntimeConfig:
     """How :func:`sparsify_` swaps Linears for sparse modules."""
 
     backend: Backend = "auto"
-    """``"torch"`` (torch CSR), ``"numba"`` (our kernel; raises if numba is missing), ``"auto"`` (numba if importable)."""
+    """``"torch"`` (torch CSR), ``"numba"`` (our kernel; raises without numba), ``"auto"`` (numba if importable)."""
     min_sparsity: float = 0.7
     """Only Linears with at least this fraction of exact zeros are swapped: below ~70% CSR loses to dense GEMM."""
 

@@ -16,8 +16,9 @@ The int8 graph (QDQ format): every fake-quant Linear becomes
 ``MatMul(DequantizeLinear(QuantizeLinear(x, s_x, z_x)), DequantizeLinear(W_t int8, s_w per column, 0)) + bias``,
 with ``W_t`` a named int8 initializer (``<module>.onnx_qweight_t``); onnxruntime fuses the pattern into integer
 MatMul kernels (``MatMulIntegerToFloat``). Mind ``weight_dtype`` on x86 CPUs without VNNI (see ``export_onnx``):
-measured here (AVX2), a QDQ MatMul with full-range 8-bit int8 weights is off by whole units of saturation. Embedding tables quantized in QAT are stored int8 and gathered before scaling. Task heads, LayerNorm
-and attention stay float.
+measured here (AVX2), a QDQ MatMul with full-range 8-bit int8 weights is off by whole units of saturation.
+Embedding tables quantized in QAT are stored int8 and gathered before scaling. Task heads, LayerNorm and attention
+stay float.
 """
 
 from __future__ import annotations
@@ -238,7 +239,9 @@ def check_onnx_parity(
     session = onnx_session(onnx_path)
     output_names = [o.name for o in session.get_outputs()]
     model.eval()
-    stats = {name: {"agree": 0, "total": 0, "max_abs_diff": 0.0, "abs_sum": 0.0, "n_values": 0} for name in output_names}
+    stats = {
+        name: {"agree": 0, "total": 0, "max_abs_diff": 0.0, "abs_sum": 0.0, "n_values": 0} for name in output_names
+    }
     device = next(model.parameters()).device
     with torch.no_grad():
         for batch in batches:
@@ -252,7 +255,10 @@ def check_onnx_parity(
             for name, got in zip(output_names, ort_out):
                 want = ref[name].detach().cpu().float().numpy()
                 if got.shape != want.shape:
-                    raise ValueError(f"check_onnx_parity: output {name!r} has shape {got.shape} in onnxruntime but {want.shape} in PyTorch")
+                    raise ValueError(
+                        f"check_onnx_parity: output {name!r} has shape {got.shape} in onnxruntime but {want.shape} "
+                        "in PyTorch"
+                    )
                 s = stats[name]
                 diff = np.abs(got.astype(np.float64) - want)
                 s["max_abs_diff"] = max(s["max_abs_diff"], float(diff.max(initial=0.0)))
@@ -293,7 +299,7 @@ def require_onnx_parity(
     *,
     min_agreement: float = 0.99,
 ) -> dict[str, Any]:
-    """:func:`check_onnx_parity`, raising ``ValueError`` (with the numbers) if the agreement is below ``min_agreement``."""
+    """:func:`check_onnx_parity`, raising ``ValueError`` (with the numbers) if agreement < ``min_agreement``."""
     report = check_onnx_parity(model, onnx_path, batches)
     if report["agreement"] < min_agreement:
         raise ValueError(

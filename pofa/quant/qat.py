@@ -402,7 +402,7 @@ def prepare_qat_(
     select = filter_fn or default_qat_filter
     already = next(iter(qat_modules(model)), None)
     if already is not None:
-        raise ValueError(f"prepare_qat_: the model is already prepared for QAT (found a fake-quant module at {already!r})")
+        raise ValueError(f"prepare_qat_: the model is already prepared for QAT (a fake-quant module is at {already!r})")
     targets: list[tuple[str, nn.Module]] = []
     for fqn, module in model.named_modules():
         if type(module) is nn.Linear and select(module, fqn):
@@ -484,7 +484,7 @@ def convert_to_int8(model: nn.Module) -> dict[str, QuantizedModule]:
     """
     modules = qat_modules(model)
     if not modules:
-        raise ValueError("convert_to_int8: the model has no fake-quant modules; run pofa.quant.prepare_qat_ and QAT first")
+        raise ValueError("convert_to_int8: the model has no fake-quant modules; run pofa.quant.prepare_qat_ and QAT")
     out: dict[str, QuantizedModule] = {}
     for name, module in modules.items():
         bits = module.config.weight_bits

@@ -123,7 +123,8 @@ def test_int8_round_trip_equals_fake_quant_values(tmp_path):
     header = json.loads(_metadata(path)["pofa"])
     assert {e["encoding"] for e in header["compact"].values()} == {"bitmask_int8"}
     act = header["int8"]["modules"]["bert.encoder.layer.0.attention.self.query"]
-    assert (act["act_scale"], act["act_zero_point"]) == model.bert.encoder.layer[0].attention.self.query.activation_qparams()
+    query = model.bert.encoder.layer[0].attention.self.query
+    assert (act["act_scale"], act["act_zero_point"]) == query.activation_qparams()
 
     # Back as a QAT model: same fake-quant outputs, ready for int8 export.
     model.config.save_pretrained(tmp_path)

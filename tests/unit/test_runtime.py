@@ -96,7 +96,8 @@ def test_benchmark_latency_reports_every_variant(tmp_path):
     ids = torch.randint(1, 100, (2, 8))
     with torch.no_grad():
         qat(input_ids=ids)
-    onnx_path = export_onnx(qat, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "q.onnx", int8=True)
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    onnx_path = export_onnx(qat, example, tmp_path / "q.onnx", int8=True)
 
     rows = benchmark_latency(model, batch_sizes=(1, 2), seq_len=8, onnx_int8_path=onnx_path, repeats=2, warmup=1)
     expected_variants = {"dense_fp32", "sparse_torch", "onnx_int8"} | ({"sparse_numba"} if numba_available() else set())

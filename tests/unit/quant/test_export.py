@@ -178,7 +178,8 @@ def test_distilbert_int8_export(tmp_path):
     from transformers import DistilBertConfig, DistilBertForSequenceClassification
 
     torch.manual_seed(0)
-    model = DistilBertForSequenceClassification(DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64))
+    config = DistilBertConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, hidden_dim=64)
+    model = DistilBertForSequenceClassification(config)
     prepare_qat_(model, QATConfig(weight_bits=7)).train()
     with torch.no_grad():
         model(input_ids=random_batch()["input_ids"])
