@@ -102,3 +102,42 @@ def test_deepspeed_zero_keeps_master_copies_pruned_and_matches_ddp(recipe_file, 
     for name, mask in masks.items():
         value = master[f"model.{name}"].reshape(mask.shape)
         assert int((value[~mask] != 0).sum()) == 0, f"{name}: DeepSpeed fp32 master copy revived pruned weights"
+
+
+@pytest.mark.parametrize("deepspeed", [False, pytest.param(True, marks=needs_deepspeed)], ids=["ddp", "zero2"])
+def test_sparse_transfer_under_two_processes_keeps_the_pattern(ddp_run, tiny_model_dir, tmp_path, deepspeed):
+    import csv
+    import json
+    import random
+
+    rng = random.Random(0)
+    files = {}
+    for split, n in (("train", 64), ("validation", 21)):  # 21: uneven shards over 2 processes
+        files[split] = tmp_path / f"{split}.csv"
+        with open(files[split], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            for i in range(n):
+                writer.writerow([" ".join(rng.choices(["true", "value"] if i % 2 else ["false", "error"], k=5)), i % 2])
+    recipe = tmp_path / "ft.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "stage": "finetune", "model": {"name_or_path": str(ddp_run / "final")},
+        "task": {"name": "sst2", "data_files": {k: str(v) for k, v in files.items()}, "max_seq_length": 32},
+        "training": {"max_steps": 6, "per_device_batch_size": 4, "learning_rate": 1e-3, "eval_batch_size": 4},
+        "distillation": {"teacher": str(tiny_model_dir)}}))
+    out = tmp_path / "ft"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    if deepspeed:
+        env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="2")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+               "--master_port", str(free_port()), str(REPO / "pofa" / "finetune.py"), "--recipe", str(recipe),
+               "--output-dir", str(out)]
+    result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-5000:]
+    masks = MaskStore.load(ddp_run / "final" / "masks.safetensors")
+    weights = load_file(out / "final" / "model.safetensors")
+    for name, mask in masks.items():
+        assert torch.equal(weights[name] != 0, mask), f"{name}: zero pattern changed"
+    metrics = json.loads((out / "final" / "eval_results.json").read_text())["metrics"]
+    assert 0.0 <= metrics["validation/accuracy"] <= 1.0
+    assert round(metrics["validation/accuracy"] * 21) == pytest.approx(metrics["validation/accuracy"] * 21)
