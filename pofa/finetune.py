@@ -291,7 +291,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
 
         q = recipe.quantization
         freeze_at = q.freeze_observers_after_step
-        qat_config = QATConfig(per_channel=q.per_channel, activation_observer_momentum=q.activation_observer_momentum,
+        qat_config = QATConfig(weight_bits=q.weight_bits, per_channel=q.per_channel,
+                               activation_observer_momentum=q.activation_observer_momentum,
                                freeze_observers_after_step=max(1, int(0.9 * plan.max_steps)) if freeze_at is None
                                else freeze_at, quantize_embeddings=q.quantize_embeddings)
         prepare_qat_(model, qat_config)  # keeps the Parameter objects: masks, hooks and optimizer still apply

@@ -330,6 +330,11 @@ class QuantizationConfig:
     enabled: bool = False
     """Quantization-aware training: fake 8-bit quantization of the targeted Linears while fine-tuning."""
 
+    weight_bits: int = 8
+    """Bits of the symmetric weight grid. 8 is the paper's; use 7 for onnxruntime on x86 CPUs without VNNI (AVX2
+    only), whose u8s8 integer kernels saturate 16-bit intermediate sums with 8-bit weights (onnxruntime's
+    `reduce_range`); the zeros stay exact either way."""
+
     per_channel: bool = True
     """One weight scale per output channel (else one per tensor)."""
 
@@ -442,6 +447,7 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
             ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
             ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
             ("distillation.temperature", k.temperature > 0, "must be > 0"),
+            ("quantization.weight_bits", 2 <= q.weight_bits <= 8, "must be in [2, 8]"),
             ("quantization.activation_observer_momentum", 0 <= q.activation_observer_momentum < 1,
              "must be in [0, 1)"),
             ("quantization.freeze_observers_after_step",
