@@ -226,3 +226,60 @@ def test_qat_fine_tuning_killed_and_resumed_equals_straight_run(sparse_model_dir
     cb = load_file(resumed.final_dir / "compact.safetensors")
     assert all(torch.equal(ca[k], cb[k]) for k in ca)  # int8 values and activation scales too
     assert_same_pattern(sparse_model_dir, resumed.final_dir)
+
+
+@pytest.fixture(scope="module")
+def qat_final(sparse_model_dir, sentiment_files, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("qat") / "run"
+    result = finetune(recipe(sparse_model_dir, out, sentiment_files, training={"max_steps": 4},
+                             quantization={"enabled": True, "weight_bits": 7}, export={"onnx": True, "compact": True}))
+    return result.final_dir
+
+
+def test_qat_stage_exports_int8_onnx_and_compact_with_zeros_kept(qat_final, sparse_model_dir):
+    import onnx
+
+    from pofa.compact import compact_size_report, load_compact_model
+
+    assert_same_pattern(sparse_model_dir, qat_final)
+    graph = onnx.load(str(qat_final / "model.onnx")).graph
+    int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 2]
+    assert len(int8_weights) == 12  # every encoder Linear is int8 in the file
+    from pofa.quant import convert_to_int8
+
+    model = load_compact_model(qat_final / "compact.safetensors", qat_final)
+    masks = MaskStore.load(qat_final / "masks.safetensors")
+    q = {f"{name}.weight": m.weight.q for name, m in convert_to_int8(model).items()}
+    for name, mask in masks.items():
+        assert int(q[name][~mask].abs().sum()) == 0, f"{name}: a pruned weight has a non-zero int8 value"
+    assert compact_size_report(qat_final / "compact.safetensors")["encoder_linear_weights"]["ratio"] > 4
+
+
+def test_export_command(qat_final, sparse_model_dir, tmp_path, capsys):
+    from pofa.cli import main as pofa
+
+    assert pofa(["export", str(qat_final), "--int8", "--output", str(tmp_path / "m.onnx"), "--seq-len", "16"]) == 0
+    assert (tmp_path / "m.onnx").is_file()
+    assert pofa(["export", str(sparse_model_dir), "--int8"]) == 2
+    assert "QAT" in capsys.readouterr().err
+    assert pofa(["export", str(tmp_path), "--int8"]) == 2
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_push_dry_run_and_bench_commands(qat_final, tmp_path, capsys):
+    import shutil
+
+    from huggingface_hub import ModelCard
+
+    from pofa.cli import main as pofa
+
+    folder = tmp_path / "pub"
+    shutil.copytree(qat_final, folder)
+    assert pofa(["push", str(folder), "someone/tiny-sparse", "--dry-run", "--base-model", "google-bert/bert-base-uncased",
+                 "--dataset", "stanfordnlp/sst2"]) == 0
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.base_model == "google-bert/bert-base-uncased" and "sparse" in card.data.tags
+    assert pofa(["push", str(tmp_path / "nothing"), "someone/x", "--dry-run"]) == 2
+    assert pofa(["bench-inference", str(qat_final), "--onnx", str(qat_final / "model.onnx"), "--batch-sizes", "1",
+                 "--seq-len", "16", "--repeats", "1"]) == 0
+    assert "onnx_int8" in capsys.readouterr().out
