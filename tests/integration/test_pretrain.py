@@ -213,3 +213,19 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, ca
     a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed.eval_after == straight.eval_after
+
+
+def test_accumulation_counts_optimizer_steps_and_tensorboard_logs(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+    from pofa.data.mlm import MLMBatcher
+
+    seen = []
+    original = MLMBatcher.train_batch
+    monkeypatch.setattr(MLMBatcher, "train_batch", lambda self, m: seen.append(m) or original(self, m))
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", cache_dir,
+                         training={"max_steps": 4, "gradient_accumulation_steps": 3, "trackers": ["tensorboard"],
+                                   "log_every": 2})
+    result = train(recipe)
+    assert result.steps == 4
+    assert seen[1:] == list(range(12))  # (the first call checks the data is big enough) 4 steps x 3 micro-steps
+    events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
+    assert events, "tensorboard wrote no event file"
