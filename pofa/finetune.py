@@ -18,7 +18,6 @@ With `sparsity.masks: none` the same script fine-tunes a dense model, e.g. the t
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -33,7 +32,8 @@ import torch
 
 from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
 from pofa.data.mlm import batch_indices
-from pofa.loop import build_optimizer, configure_deepspeed, lr_multiplier, plan_steps, set_learning_rate, steps_for_epochs
+from pofa.loop import (build_optimizer, configure_deepspeed, lr_multiplier, micro_step, plan_steps,
+                       set_learning_rate, steps_for_epochs)
 from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path, unpartitioned
 from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe, save_recipe
 
@@ -343,15 +343,9 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
                                  num_processes=accelerator.num_processes, process_index=accelerator.process_index,
                                  seed=t.seed)
             batch = {k: v.to(accelerator.device) for k, v in collate(data.train, rows, tokenizer).items()}
-            with accelerator.accumulate(prepared):
-                with accelerator.autocast():
-                    loss = task_loss(prepared, batch, teacher, recipe, is_qa)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(prepared.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item()
+            loss = micro_step(accelerator, prepared, optimizer,
+                              lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm)
+            window_loss += loss.float().item()
             window_count += 1
         step += 1
         if qat_config is not None:

@@ -27,14 +27,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -42,7 +41,8 @@ import torch
 from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
 from pofa.data.corpus import CorpusError
 from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
-from pofa.loop import build_optimizer, configure_deepspeed, lr_multiplier, plan_steps, set_learning_rate
+from pofa.loop import (build_optimizer, configure_deepspeed, lr_multiplier, micro_step, plan_steps,
+                       set_learning_rate)
 from pofa.modeling import (MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions,
                            unpartitioned)
 from pofa.recipe import PretrainRecipe, RecipeError, load_recipe, save_recipe
@@ -153,6 +153,20 @@ class Pruner:
         from pofa.sparsity import MaskStore
 
         self.store.load_state_dict(MaskStore.load(folder / "masks.safetensors").state_dict())
+
+
+def mlm_loss(student, teacher, batch, distill_mask, distillation) -> torch.Tensor:
+    """MLM cross-entropy at the masked positions, mixed with distillation from the teacher when there is one."""
+    loss, logits, _ = student(**batch, distill_mask=distill_mask)
+    if teacher is None:
+        return loss
+    from pofa.distill import distillation_loss
+
+    with torch.no_grad():
+        _, teacher_logits, _ = teacher(**batch, distill_mask=distill_mask)
+    loss, _ = distillation_loss(loss, logits, teacher_logits, hard_weight=distillation.hard_weight,
+                                soft_weight=distillation.soft_weight, temperature=distillation.temperature)
+    return loss
 
 
 def make_batcher(recipe: PretrainRecipe, tokenizer, accelerator) -> MLMBatcher:
@@ -273,24 +287,10 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             batch = {k: v.to(accelerator.device, non_blocking=True) for k, v in batch.items()}
             distill_mask = batch["attention_mask"].bool() if (
                 teacher is not None and recipe.distillation.positions == "all") else None
-            with accelerator.accumulate(student):
-                with accelerator.autocast():
-                    loss, logits, selected = student(**batch, distill_mask=distill_mask)
-                    if teacher is not None:
-                        from pofa.distill import distillation_loss
-
-                        with torch.no_grad():
-                            _, teacher_logits, _ = teacher(**batch, distill_mask=distill_mask)
-                        loss, _ = distillation_loss(loss, logits, teacher_logits,
-                                                    hard_weight=recipe.distillation.hard_weight,
-                                                    soft_weight=recipe.distillation.soft_weight,
-                                                    temperature=recipe.distillation.temperature)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm is not None:
-                    accelerator.clip_grad_norm_(student.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            window_loss += loss.detach().float().item()
+            loss = micro_step(accelerator, student, optimizer,
+                              lambda: mlm_loss(student, teacher, batch, distill_mask, recipe.distillation),
+                              t.max_grad_norm)
+            window_loss += loss.float().item()
             window_count += 1
         step += 1
         tokens_seen += batcher.tokens_per_micro_step() * t.gradient_accumulation_steps * accelerator.num_processes

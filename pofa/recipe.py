@@ -384,7 +384,7 @@ class FinetuneRecipe:
 def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
     checks: list[tuple[str, bool, str]] = []
     if isinstance(recipe, PretrainRecipe):
-        d, t, p, k = recipe.data, recipe.training, recipe.pruning, recipe.distillation
+        d, t, p = recipe.data, recipe.training, recipe.pruning
         checks += [
             ("data.sources", len(d.sources) > 0, "needs at least one corpus source"),
             ("data.max_seq_length", d.max_seq_length >= 8, "must be at least 8"),
@@ -416,18 +416,12 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
             ("pruning.frequency", p.frequency >= 1, "must be >= 1"),
             ("pruning.end_pruning_step", p.end_pruning_step is None or p.end_pruning_step >= p.end_step,
              "must be >= pruning.end_step"),
-            ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
-            ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
-            ("distillation.temperature", k.temperature > 0, "must be > 0"),
         ]
         if p.enabled:
             checks.append(("pruning.end_step", p.end_step <= t.max_steps,
                            f"must be <= training.max_steps ({t.max_steps}) so the target sparsity is reached"))
-        if k.teacher is not None:
-            checks.append(("distillation", k.hard_weight + k.soft_weight > 0,
-                           "hard_weight + soft_weight must be > 0"))
     if isinstance(recipe, FinetuneRecipe):
-        t, task, k, q = recipe.training, recipe.task, recipe.distillation, recipe.quantization
+        t, task, q = recipe.training, recipe.task, recipe.quantization
         checks += _training_checks(t)
         checks += [
             ("training.epochs", t.epochs > 0, "must be > 0"),
@@ -444,18 +438,21 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
              "must be >= 1 or null"),
             ("task.text_fields", task.text_fields is None or 1 <= len(task.text_fields) <= 2,
              "must list one or two columns"),
-            ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
-            ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
-            ("distillation.temperature", k.temperature > 0, "must be > 0"),
             ("quantization.weight_bits", 2 <= q.weight_bits <= 8, "must be in [2, 8]"),
             ("quantization.activation_observer_momentum", 0 <= q.activation_observer_momentum < 1,
              "must be in [0, 1)"),
             ("quantization.freeze_observers_after_step",
              q.freeze_observers_after_step is None or q.freeze_observers_after_step >= 0, "must be >= 0 or null"),
         ]
-        if k.teacher is not None:
-            checks.append(("distillation", k.hard_weight + k.soft_weight > 0,
-                           "hard_weight + soft_weight must be > 0"))
+    if isinstance(recipe, (PretrainRecipe, FinetuneRecipe)):
+        k = recipe.distillation
+        checks += [
+            ("distillation.hard_weight", k.hard_weight >= 0, "must be >= 0"),
+            ("distillation.soft_weight", k.soft_weight >= 0, "must be >= 0"),
+            ("distillation.temperature", k.temperature > 0, "must be > 0"),
+            ("distillation", k.teacher is None or k.hard_weight + k.soft_weight > 0,
+             "hard_weight + soft_weight must be > 0"),
+        ]
     if hasattr(recipe, "model") and recipe.model.config_overrides and not recipe.model.from_scratch:
         checks.append(("model.config_overrides", False, "only applies with model.from_scratch: true"))
     return checks

@@ -62,3 +62,31 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pofa_cache")
+
+
+class Killed(Exception):
+    """Stands for the process being killed (SIGKILL) right after a checkpoint was completed."""
+
+
+@pytest.fixture
+def kill_after_checkpoint(monkeypatch):
+    """`kill_after_checkpoint(step)`: the next run dies right after completing its checkpoint of `step`.
+
+    Returns the exception class to expect; a later `train(..., resume=True)` in the same test runs normally.
+    """
+    from pofa import checkpoint
+
+    original = checkpoint.Checkpointer.save
+
+    def arm(step: int) -> type[Killed]:
+        def save_then_die(self, at_step, state, recipe):
+            folder = original(self, at_step, state, recipe)
+            if at_step == step:
+                monkeypatch.setattr(checkpoint.Checkpointer, "save", original)  # only once
+                raise Killed
+            return folder
+
+        monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
+        return Killed
+
+    return arm

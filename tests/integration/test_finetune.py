@@ -195,29 +195,13 @@ def test_labels_out_of_range_name_the_value(sparse_model_dir, tmp_path, capsys):
 
 
 def test_qat_fine_tuning_killed_and_resumed_equals_straight_run(sparse_model_dir, sentiment_files, tmp_path,
-                                                                monkeypatch):
-    from pofa import checkpoint
-
+                                                                kill_after_checkpoint):
     sections = {"training": {"max_steps": 6, "save_every": 3}, "quantization": {"enabled": True},
                 "export": {"compact": True}}
     straight = finetune(recipe(sparse_model_dir, tmp_path / "a", sentiment_files, **sections))
-
-    class Killed(Exception):
-        pass
-
-    original = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, recipe_):
-        folder = original(self, step, state, recipe_)
-        if step == 3:
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
     run = recipe(sparse_model_dir, tmp_path / "b", sentiment_files, **sections)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_after_checkpoint(3)):
         finetune(run)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
     resumed = finetune(run, resume=True)
     a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

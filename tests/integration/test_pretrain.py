@@ -60,28 +60,12 @@ def test_masked_only_logits_give_the_same_loss_as_full_logits(tiny_model_dir):
     assert torch.allclose(fast[1], full[1], atol=1e-5) and fast[1].shape == (3, model.config.vocab_size)
 
 
-def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, cache_dir, kill_after_checkpoint):
     sections = {"training": {"max_steps": 8, "save_every": 3, "gradient_accumulation_steps": 2, "eval_every": 4}}
     straight = train(tiny_recipe(tiny_model_dir, tmp_path / "straight", cache_dir, **sections))
-
-    import pofa.checkpoint as checkpoint
-
-    class Killed(Exception):
-        pass
-
-    original = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, recipe):
-        folder = original(self, step, state, recipe)
-        if step == 6:
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "killed", cache_dir, **sections)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_after_checkpoint(6)):
         train(recipe)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
     assert [p.name for p in complete_checkpoints(tmp_path / "killed" / "checkpoints")] == ["step-00000003", "step-00000006"]
     resumed = train(recipe, resume=True)
 
@@ -181,7 +165,7 @@ def test_from_scratch_with_config_overrides(tiny_model_dir, tmp_path, cache_dir)
     assert json.loads((result.final_dir / "config.json").read_text())["num_hidden_layers"] == 1
 
 
-def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, cache_dir, kill_after_checkpoint):
     from pofa.data.corpus import python_docs_documents
 
     corpus = tmp_path / "corpus.txt"
@@ -190,25 +174,9 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, ca
                 "training": {"max_steps": 6, "save_every": 3}}
     straight = train(tiny_recipe(tiny_model_dir, tmp_path / "a", cache_dir, **sections))
     assert not (cache_dir / "blocks").exists()  # streamed: nothing cached on disk
-
-    import pofa.checkpoint as checkpoint
-
-    class Killed(Exception):
-        pass
-
-    original = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, recipe):
-        folder = original(self, step, state, recipe)
-        if step == 3:
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
     recipe = tiny_recipe(tiny_model_dir, tmp_path / "b", cache_dir, **sections)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_after_checkpoint(3)):
         train(recipe)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
     resumed = train(recipe, resume=True)
     a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -49,28 +49,14 @@ def test_student_reaches_exact_layer_sparsity_and_saves_masks(tiny_model_dir, tm
     assert not any("embeddings" in n or n.startswith("cls.") for n in masks.names())
 
 
-def test_killed_mid_pruning_and_resumed_equals_straight_run(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
-    from pofa import checkpoint
+def test_killed_mid_pruning_and_resumed_equals_straight_run(tiny_model_dir, tmp_path, cache_dir,
+                                                            kill_after_checkpoint):
     from pofa.pretrain import train
 
     straight = train(student_recipe(tiny_model_dir, tmp_path / "a", cache_dir))
-
-    class Killed(Exception):
-        pass
-
-    original = checkpoint.Checkpointer.save
-
-    def save_then_die(self, step, state, recipe):
-        folder = original(self, step, state, recipe)
-        if step == 5:  # mid-ramp: sparsity is between 0 and the target, masks are changing
-            raise Killed
-        return folder
-
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_then_die)
     recipe = student_recipe(tiny_model_dir, tmp_path / "b", cache_dir)
-    with pytest.raises(Killed):
+    with pytest.raises(kill_after_checkpoint(5)):  # mid-ramp: sparsity between 0 and the target, masks changing
         train(recipe)
-    monkeypatch.setattr(checkpoint.Checkpointer, "save", original)
     saved_masks = MaskStore.load(tmp_path / "b" / "checkpoints" / "step-00000005" / "masks.safetensors")
     assert 0 < saved_masks.sparsity() < 0.8
     resumed = train(recipe, resume=True)

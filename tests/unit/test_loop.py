@@ -1,5 +1,4 @@
 import pytest
-import torch
 from transformers import BertConfig, BertForMaskedLM
 
 from pofa.loop import decay_groups, lr_multiplier, plan_steps, steps_for_epochs
