@@ -207,17 +207,20 @@ def predict(model, features, tokenizer, accelerator, batch_size: int, is_qa: boo
 
     model.eval()
     indices = list(range(accelerator.process_index, len(features), accelerator.num_processes))
+    # Equal batch counts on every process (ZeRO-3 / FSDP run collectives in each forward): pad with row 0, marked -1.
+    shard = -(-len(features) // accelerator.num_processes)
+    indices += [-1] * (shard - len(indices))
     local: list[tuple[int, tuple[np.ndarray, ...]]] = []
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
-            batch = collate(features, rows, tokenizer)
+            batch = collate(features, [max(row, 0) for row in rows], tokenizer)
             batch = {k: v.to(accelerator.device) for k, v in batch.items() if k not in ("labels",)}
             with accelerator.autocast():
                 out = model(**batch)
             parts = (out.start_logits, out.end_logits) if is_qa else (out.logits,)
             parts = tuple(p.float().cpu().numpy() for p in parts)
-            local += [(row, tuple(p[i] for p in parts)) for i, row in enumerate(rows)]
+            local += [(row, tuple(p[i] for p in parts)) for i, row in enumerate(rows) if row >= 0]
     model.train()
     gathered = sorted(gather_object(local) if accelerator.num_processes > 1 else local, key=lambda x: x[0])
     n_parts = 2 if is_qa else 1

@@ -254,7 +254,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
                                                   "learning_rate": t.learning_rate,
                                                   "global_batch_size": plan.global_batch_size})
 
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())  # ZeRO-3 leaves p.numel() == 0
     _log(accelerator, f"{recipe.stage}: {recipe.model.name_or_path} ({n_params / 1e6:.1f} M parameters), "
                       f"{n_train} training blocks of {d.max_seq_length} tokens, "
                       f"{len(batcher.split.eval_indices)} held out; {plan.max_steps} steps x {plan.global_batch_size} "

@@ -239,13 +239,25 @@ class MLMBatcher:
         return self._masked(rows, step_generator(self.seed, micro_step, self.process_index))
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The held-out blocks, sharded over processes, masked identically at every evaluation."""
+        """The held-out blocks, sharded over processes, masked identically at every evaluation.
+
+        Every process yields the same number of batches (DeepSpeed ZeRO-3 and FSDP need every process in every
+        forward): shorter shards are padded with a repeated block whose labels are all -100, so it counts nowhere.
+        """
         indices = self.split.eval_indices[self.process_index :: self.num_processes]
+        shard = -(-len(self.split.eval_indices) // self.num_processes)
+        padding = shard - len(indices)
+        if len(self.split.eval_indices) and padding:
+            indices = np.concatenate([indices, np.repeat(self.split.eval_indices[:1], padding)])
         size = self.per_device_batch_size
         for number, start in enumerate(range(0, len(indices), size)):
             if max_batches is not None and number >= max_batches:
                 return
-            yield self._masked(indices[start : start + size], step_generator(self.seed + 1, number, self.process_index))
+            rows = indices[start : start + size]
+            batch = self._masked(rows, step_generator(self.seed + 1, number, self.process_index))
+            real = max(0, min(len(rows), shard - padding - start))  # rows of this batch that are not padding
+            batch["labels"][real:] = -100
+            yield batch
 
     def tokens_per_micro_step(self) -> int:
         return self.per_device_batch_size * self.split.blocks.shape[1]

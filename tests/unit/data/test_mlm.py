@@ -113,3 +113,14 @@ def test_batcher_yields_masked_batches(tmp_path, tiny_tokenizer_dir):
     evals = list(batcher.eval_batches())
     assert sum(len(b["input_ids"]) for b in evals) == 10
     assert all(torch.equal(x["input_ids"], y["input_ids"]) for x, y in zip(evals, batcher.eval_batches()))
+
+
+def test_eval_shards_have_equal_batch_counts_and_padding_counts_nowhere(tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    blocks = np.random.default_rng(0).integers(5, len(tokenizer), size=(30, 16)).astype(np.int32)
+    split = split_blocks(blocks, eval_fraction=0.3, max_eval_blocks=9, seed=0)  # 9 blocks over 2 processes
+    batches = [list(MLMBatcher(split, tokenizer, per_device_batch_size=4, num_processes=2, process_index=p, seed=0,
+                               mlm_probability=0.5).eval_batches()) for p in range(2)]
+    assert len(batches[0]) == len(batches[1]) == 2  # shards of 5 and 4(+1 pad) blocks
+    labelled_rows = sum(int((b["labels"] != -100).any(dim=1).sum()) for shard in batches for b in shard)
+    assert labelled_rows == 9  # the padded block carries no label
