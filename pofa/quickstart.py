@@ -122,7 +122,8 @@ def sizes(output_dir: Path) -> dict:
     qat = output_dir / "qat" / "final"
     report = compact_size_report(qat / "compact.safetensors")
     return {"dense_fp32_safetensors_bytes": (output_dir / "dense-finetune" / "final" / "model.safetensors").stat().st_size,
-            "compact_int8_bytes": report["file_bytes"], "encoder_linear_ratio": report["encoder_linear_weights"]["ratio"],
+            "compact_int8_bytes": report["file_bytes"],
+            "compact_fp32_bytes": (output_dir / "sparse-finetune" / "final" / "compact.safetensors").stat().st_size, "encoder_linear_ratio": report["encoder_linear_weights"]["ratio"],
             "model_ratio": report["model"]["ratio"],
             "onnx_int8_bytes": (qat / "model.onnx").stat().st_size if (qat / "model.onnx").exists() else None}
 
@@ -149,7 +150,8 @@ def format_table(summary: dict) -> str:
     lines.append(f"teacher MLM loss (held out): {t['eval_before']['mlm_loss']:.3f} -> {t['eval_after']['mlm_loss']:.3f}"
                  f";  student at 90%: {stages['student']['eval_after']['mlm_loss']:.3f}")
     rows = [("dense fp32", accuracy("dense-finetune"), "0%", summary["sizes"]["dense_fp32_safetensors_bytes"]),
-            ("sparse fp32", accuracy("sparse-finetune"), f"{stages['sparse-finetune']['sparsity']:.1%}", None),
+            ("sparse fp32", accuracy("sparse-finetune"), f"{stages['sparse-finetune']['sparsity']:.1%}",
+             summary["sizes"]["compact_fp32_bytes"]),
             ("sparse + int8 (QAT)", accuracy("qat"), f"{stages['qat']['sparsity']:.1%}",
              summary["sizes"]["compact_int8_bytes"])]
     lines.append(f"{'model':<22}{'test accuracy':>14}{'encoder sparsity':>18}{'size on disk':>16}")
