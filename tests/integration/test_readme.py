@@ -9,12 +9,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-README = (ROOT / "README.md").read_text()
+READMES = [ROOT / "README.md", ROOT / "launch" / "README.md"]
 
 
-def readme_commands() -> list[str]:
-    blocks = re.findall(r"```bash\n(.*?)```", README, flags=re.S)
+def readme_commands(path: Path = READMES[0]) -> list[str]:
+    blocks = re.findall(r"```bash\n(.*?)```", path.read_text(), flags=re.S)
     return [line.strip() for block in blocks for line in block.splitlines() if line.strip() and not line.startswith("#")]
+
+
+ALL_COMMANDS = [c for path in READMES for c in readme_commands(path)]
 
 
 def test_readme_shows_the_install_and_test_commands_that_ci_runs():
@@ -27,11 +30,15 @@ def test_readme_shows_the_install_and_test_commands_that_ci_runs():
         assert extra in ci
 
 
-@pytest.mark.parametrize("command", [c for c in readme_commands() if c.startswith(("pofa ", "accelerate launch"))])
-def test_every_pofa_command_in_the_readme_parses_and_its_recipe_is_valid(command):
+@pytest.mark.parametrize("command", [c for c in ALL_COMMANDS if c.startswith(("pofa ", "accelerate launch", "torchrun"))])
+def test_every_pofa_command_in_the_readmes_parses_and_its_recipe_is_valid(command):
     from pofa.recipe import load_recipe, recipe_class_for
 
     words = shlex.split(command)
+    if "--config_file" in words:
+        from accelerate.commands.config.config_args import load_config_from_file
+
+        load_config_from_file(str(ROOT / words[words.index("--config_file") + 1]))
     for i, word in enumerate(words):
         if word == "--recipe":
             recipe = ROOT / words[i + 1]
