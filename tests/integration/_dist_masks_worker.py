@@ -80,12 +80,8 @@ def train(step: Callable[[dict[str, Tensor]], float], data: list[dict[str, Tenso
     return [step(batch) for batch in data]
 
 
-def run_ddp(rank: int) -> dict[str, Any]:
-    from torch.nn.parallel import DistributedDataParallel
-
-    model = DistributedDataParallel(tiny_bert())
-    store = MaskStore.dense(model.named_parameters())
-    guard = MaskGuard(model, store)
+def dense_then_pruned(model: nn.Module, guard: MaskGuard, rank: int) -> tuple[list[float], torch.optim.Optimizer]:
+    """DENSE_STEPS of AdamW (momentum builds up), prune to SPARSITY, SPARSE_STEPS more: sparse losses, optimizer."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
 
     def step(batch: dict[str, Tensor]) -> float:
@@ -99,7 +95,16 @@ def run_ddp(rank: int) -> dict[str, Any]:
     data = batches(rank, DENSE_STEPS + SPARSE_STEPS)
     train(step, data[:DENSE_STEPS])
     guard.prune_(SPARSITY, optimizer=optimizer)
-    losses = train(step, data[DENSE_STEPS:])
+    return train(step, data[DENSE_STEPS:]), optimizer
+
+
+def run_ddp(rank: int) -> dict[str, Any]:
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(tiny_bert())
+    store = MaskStore.dense(model.named_parameters())
+    guard = MaskGuard(model, store)
+    losses, optimizer = dense_then_pruned(model, guard, rank)
     weights = {n: p.detach() for n, p in guard.store.bind(model).items()}
     states = {n: optimizer.state[p]["exp_avg"] for n, p in guard.store.bind(model).items()}
     return {
@@ -186,20 +191,7 @@ def run_fsdp2(rank: int) -> dict[str, Any]:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     guard = MaskGuard(model, store)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
-
-    def step(batch: dict[str, Tensor]) -> float:
-        loss = model(**batch).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad()
-        return float(loss.detach())
-
-    data = batches(rank, DENSE_STEPS + SPARSE_STEPS)
-    train(step, data[:DENSE_STEPS])
-    guard.prune_(SPARSITY, optimizer=optimizer)
-    losses = train(step, data[DENSE_STEPS:])
+    losses, optimizer = dense_then_pruned(model, guard, rank)
     params = store.bind(model)
     exp_avg = {}
     for name in sorted(params):
