@@ -427,8 +427,8 @@ def save_final(accelerator, model, tokenizer, recipe: FinetuneRecipe, output_dir
         if recipe.export.compact:
             from pofa.compact import save_compact
 
-            masks = dict(store.items()) if store is not None else None
-            save_compact(unwrapped, tmp / "compact.safetensors", masks=_bound_masks(unwrapped, store) if masks else None)
+            save_compact(unwrapped, tmp / "compact.safetensors",
+                         masks=_bound_masks(unwrapped, store) if store is not None else None)
         if recipe.export.onnx:
             from pofa.quant import export_onnx
 

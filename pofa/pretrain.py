@@ -107,11 +107,10 @@ def evaluate(model, batches, accelerator) -> dict[str, float]:
 class Pruner:
     """Attaches gradual magnitude pruning to the loop: the schedule, the MaskStore and the MaskGuard."""
 
-    def __init__(self, recipe: PretrainRecipe, model, accelerator):
+    def __init__(self, recipe: PretrainRecipe, model):
         from pofa.sparsity import DEFAULT_TARGETS, MaskGuard, MaskStore
 
         self.config = recipe.pruning
-        self.accelerator = accelerator
         self.model = model
         # Full shapes, also where DeepSpeed ZeRO-3 leaves each process an empty shard.
         self.store = MaskStore.dense(model.named_parameters(), include=self.config.include or DEFAULT_TARGETS,
@@ -230,7 +229,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
                                 betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
     configure_deepspeed(accelerator, t.per_device_batch_size)
     student, optimizer = accelerator.prepare(student, optimizer)
-    pruner = Pruner(recipe, model, accelerator) if recipe.pruning.enabled else None
+    pruner = Pruner(recipe, model) if recipe.pruning.enabled else None
 
     checkpointer = Checkpointer(accelerator, output_dir, t.keep_last)
     if pruner is not None:
