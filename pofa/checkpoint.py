@@ -117,9 +117,14 @@ class Checkpointer:
 
     def load(self, folder: Path) -> dict[str, Any]:
         state = read_state(folder)
-        self.accelerator.load_state(str(folder))
-        for _, load in self.extras:
-            load(folder)
+        try:
+            self.accelerator.load_state(str(folder))
+            for _, load in self.extras:
+                load(folder)
+        except Exception as exc:  # noqa: BLE001 - any unreadable part makes this checkpoint unusable: say which
+            raise OutputDirError(f"checkpoint {folder} cannot be loaded ({type(exc).__name__}: "
+                                 f"{str(exc).splitlines()[0] if str(exc) else ''}); delete that folder to resume "
+                                 "from an older checkpoint, or start over with --overwrite") from exc
         return state
 
 

@@ -197,3 +197,18 @@ def test_accumulation_counts_optimizer_steps_and_tensorboard_logs(tiny_model_dir
     assert seen[1:] == list(range(12))  # (the first call checks the data is big enough) 4 steps x 3 micro-steps
     events = list((tmp_path / "run").rglob("events.out.tfevents.*"))
     assert events, "tensorboard wrote no event file"
+
+
+def test_a_corrupt_checkpoint_is_named(tiny_model_dir, tmp_path, cache_dir, capsys):
+    out = tmp_path / "run"
+    recipe = tiny_recipe(tiny_model_dir, out, cache_dir, training={"max_steps": 2, "save_every": 1})
+    train(recipe)
+    latest = complete_checkpoints(out / "checkpoints")[-1]
+    (latest / "model.safetensors").write_bytes(b"not safetensors")
+    path = tmp_path / "r.yaml"
+    from pofa.recipe import dump_recipe
+
+    path.write_text(dump_recipe(recipe))
+    assert main(["--recipe", str(path), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert str(latest) in err and "cannot be loaded" in err
