@@ -348,7 +348,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
             batch = {k: v.to(accelerator.device) for k, v in collate(data.train, rows, tokenizer).items()}
             loss = micro_step(accelerator, prepared, optimizer,
                               lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm)
-            window_loss += loss.float().item()
+            window_loss += loss.float()  # stays on the device: .item() here would sync every micro-step
             window_count += 1
         step += 1
         if qat_config is not None:
@@ -357,7 +357,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
             qat_step_(model, step, qat_config)
         if step % t.log_every == 0 or step == plan.max_steps:
             rate = window_count * t.per_device_batch_size / max(time.perf_counter() - window_start, 1e-9)
-            _log(accelerator, f"step {step}: loss {window_loss / max(window_count, 1):.4f} "
+            _log(accelerator, f"step {step}: loss {float(window_loss) / max(window_count, 1):.4f} "
                               f"lr {optimizer.param_groups[0]['lr']:.3g} examples_per_s {rate:.1f}")
             window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
         if step % t.eval_every == 0 and step < plan.max_steps:

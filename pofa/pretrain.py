@@ -289,7 +289,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             loss = micro_step(accelerator, student, optimizer,
                               lambda: mlm_loss(student, teacher, batch, distill_mask, recipe.distillation),
                               t.max_grad_norm)
-            window_loss += loss.float().item()
+            window_loss += loss.float()  # stays on the device: .item() here would sync every micro-step
             window_count += 1
         step += 1
         tokens_seen += batcher.tokens_per_micro_step() * t.gradient_accumulation_steps * accelerator.num_processes
@@ -298,7 +298,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             progress.update(1)
         if step % t.log_every == 0 or step == plan.max_steps:
             elapsed = time.perf_counter() - window_start
-            logs = {"loss": window_loss / max(1, window_count), "lr": optimizer.param_groups[0]["lr"],
+            logs = {"loss": float(window_loss) / max(1, window_count), "lr": optimizer.param_groups[0]["lr"],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9)}
             if pruner is not None:
                 logs["sparsity"] = pruner.store.sparsity()
