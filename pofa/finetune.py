@@ -34,7 +34,8 @@ from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_re
 from pofa.data.mlm import batch_indices
 from pofa.loop import (build_optimizer, configure_deepspeed, lr_multiplier, micro_step, plan_steps,
                        set_learning_rate, steps_for_epochs)
-from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path, unpartitioned
+from pofa.modeling import (ModelLoadError, check_same_vocabulary, load_tokenizer, resolve_model_path,
+                           unpartitioned)
 from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe, save_recipe
 
 RESUME_KEYS = ["model", "task", "training.seed", "training.per_device_batch_size",
@@ -265,8 +266,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     t = recipe.training
     output_dir = Path(t.output_dir)
     accelerator = new_accelerator(gradient_accumulation_steps=t.gradient_accumulation_steps,
-                              mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
-                              project_dir=str(output_dir))
+                                  mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
+                                  project_dir=str(output_dir))
     prepare_output_dir(output_dir, resume=resume, overwrite=overwrite, create=False)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path, recipe.model.revision)
     with accelerator.main_process_first():
@@ -280,6 +281,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     if recipe.distillation.teacher:
         with unpartitioned():  # the frozen teacher is never wrapped by DeepSpeed
             teacher = load_task_model(recipe.distillation.teacher, data.spec)
+        check_same_vocabulary(teacher, model, recipe.distillation.teacher)
         teacher.requires_grad_(False).eval().to(accelerator.device)
     max_steps = t.max_steps or steps_for_epochs(
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,

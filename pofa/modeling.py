@@ -102,6 +102,14 @@ def unpartitioned():
             hf_deepspeed.set_hf_deepspeed_config(config)
 
 
+def check_same_vocabulary(teacher, student, teacher_name: str) -> None:
+    """The teacher reads the student's token ids: their vocabularies must be the same size (a proxy for the same)."""
+    a, b = teacher.config.vocab_size, student.config.vocab_size
+    if a != b:
+        raise ModelLoadError(f"distillation.teacher: {teacher_name} has a vocabulary of {a} tokens, the student {b}; "
+                             "the teacher must use the student's tokenizer")
+
+
 def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 

@@ -43,8 +43,8 @@ from pofa.data.corpus import CorpusError
 from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
 from pofa.loop import (build_optimizer, configure_deepspeed, lr_multiplier, micro_step, plan_steps,
                        set_learning_rate)
-from pofa.modeling import (MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions,
-                           unpartitioned)
+from pofa.modeling import (MaskedLM, ModelLoadError, check_same_vocabulary, load_config, load_mlm_model,
+                           load_tokenizer, max_positions, unpartitioned)
 from pofa.recipe import PretrainRecipe, RecipeError, load_recipe, save_recipe
 
 logger = logging.getLogger("pofa.pretrain")
@@ -218,6 +218,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
         teacher_dtype = torch.bfloat16 if recipe.distillation.teacher_dtype == "bfloat16" else torch.float32
         with unpartitioned():  # the frozen teacher is never wrapped by DeepSpeed
             teacher = load_mlm_model(recipe.distillation.teacher, dtype=teacher_dtype)
+        check_same_vocabulary(teacher, model, recipe.distillation.teacher)
         teacher.requires_grad_(False).eval().to(accelerator.device)
         teacher = MaskedLM(teacher, all_logits=t.mlm_logits == "all")
 

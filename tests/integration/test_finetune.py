@@ -267,3 +267,15 @@ def test_push_dry_run_and_bench_commands(qat_final, tmp_path, capsys):
     assert pofa(["bench-inference", str(qat_final), "--onnx", str(qat_final / "model.onnx"), "--batch-sizes", "1",
                  "--seq-len", "16", "--repeats", "1"]) == 0
     assert "onnx_int8" in capsys.readouterr().out
+
+
+def test_a_teacher_with_another_vocabulary_is_refused(sparse_model_dir, sentiment_files, tmp_path):
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from pofa.modeling import ModelLoadError
+
+    other = tmp_path / "other"
+    BertForSequenceClassification(BertConfig(vocab_size=77, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                             intermediate_size=32, num_labels=2)).save_pretrained(other)
+    with pytest.raises(ModelLoadError, match="distillation.teacher: .* 77 tokens"):
+        finetune(recipe(sparse_model_dir, tmp_path / "ft", sentiment_files, distillation={"teacher": str(other)}))
