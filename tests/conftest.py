@@ -90,3 +90,13 @@ def kill_after_checkpoint(monkeypatch):
         return Killed
 
     return arm
+
+
+def assert_same_safetensors(a: Path, b: Path, what: str = "weights") -> None:
+    """The two safetensors files hold the same tensor names with bitwise-equal values."""
+    from safetensors.torch import load_file
+
+    left, right = load_file(a), load_file(b)
+    assert left.keys() == right.keys(), f"{what}: different tensor names"
+    differing = [k for k in left if not torch.equal(left[k], right[k])]
+    assert not differing, f"{what} differ in {differing[:3]}"

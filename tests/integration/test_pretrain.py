@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from pofa.checkpoint import OutputDirError, complete_checkpoints
 from pofa.pretrain import main, train
 from pofa.recipe import PretrainRecipe, recipe_from_dict
+from tests.conftest import assert_same_safetensors
 
 
 def tiny_recipe(model_dir: Path, out: Path, cache: Path, **sections) -> PretrainRecipe:
@@ -69,10 +70,8 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tiny_model_dir, tmp_pat
     assert [p.name for p in complete_checkpoints(tmp_path / "killed" / "checkpoints")] == ["step-00000003", "step-00000006"]
     resumed = train(recipe, resume=True)
 
-    a = load_file(straight.final_dir / "model.safetensors")
-    b = load_file(resumed.final_dir / "model.safetensors")
-    assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
+    assert_same_safetensors(straight.final_dir / "model.safetensors", resumed.final_dir / "model.safetensors",
+                            "resumed weights vs the uninterrupted run")
     assert resumed.eval_after == straight.eval_after
 
 
@@ -178,8 +177,7 @@ def test_streamed_corpus_trains_and_resumes_exactly(tiny_model_dir, tmp_path, ca
     with pytest.raises(kill_after_checkpoint(3)):
         train(recipe)
     resumed = train(recipe, resume=True)
-    a, b = load_file(straight.final_dir / "model.safetensors"), load_file(resumed.final_dir / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_safetensors(straight.final_dir / "model.safetensors", resumed.final_dir / "model.safetensors")
     assert resumed.eval_after == straight.eval_after
 
 
