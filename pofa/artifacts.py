@@ -14,6 +14,9 @@ RECIPE_FILE = "recipe.yaml"
 MASKS_FILE = "masks.safetensors"
 """The bit-packed MaskStore of a sparse model (True = kept)."""
 
+PRUNED_VALUES_FILE = "pruned_values.safetensors"
+"""Inside a student's checkpoint with `pruning.revive`: the values pruned weights had when pruned (PrunedValues)."""
+
 SPARSITY_FILE = "sparsity.json"
 """Per-layer sparsity report of the masked weights."""
 

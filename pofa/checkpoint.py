@@ -18,8 +18,7 @@ from typing import Any, Callable
 
 from pofa.recipe import dump_recipe
 
-STATE_FILE = "trainer_state.json"
-RECIPE_FILE = "recipe.yaml"
+from pofa.artifacts import CHECKPOINTS_DIR, RECIPE_FILE, TRAINER_STATE_FILE as STATE_FILE  # noqa: F401 (re-export)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -80,7 +79,7 @@ class Checkpointer:
 
     def __init__(self, accelerator, output_dir: Path, keep_last: int):
         self.accelerator = accelerator
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = Path(output_dir) / CHECKPOINTS_DIR
         self.keep_last = keep_last
         self.extras: list[tuple[Callable[[Path], None], Callable[[Path], None]]] = []
 

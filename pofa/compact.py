@@ -2,11 +2,15 @@
 
 Usage::
 
+    from pofa.artifacts import COMPACT_FILE
     from pofa.compact import save_compact, load_compact, load_compact_model, compact_size_report
-    save_compact(model, "model.pofa.safetensors", masks=masks)   # int8 automatically after QAT
-    state_dict = load_compact("model.pofa.safetensors")          # dense again, lossless
-    model = load_compact_model("model.pofa.safetensors", "model_dir/")
-    print(compact_size_report("model.pofa.safetensors"))
+    save_compact(model, final_dir / COMPACT_FILE, masks=masks)   # int8 automatically after QAT
+    state_dict = load_compact(final_dir / COMPACT_FILE)          # dense again, lossless
+    model = load_compact_model(final_dir / COMPACT_FILE, final_dir)
+    print(compact_size_report(final_dir / COMPACT_FILE))
+
+In a pofa folder the file is ``pofa.artifacts.COMPACT_FILE`` (``compact.safetensors``), beside the ``config.json``
+that ``load_compact_model`` builds the model from (a folder or a Hub id).
 
 Layout (format version 1). For each compacted 2-D weight ``W`` (the masked ones, or, without masks, every encoder
 Linear weight, plus every weight quantized by QAT):

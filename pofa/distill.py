@@ -4,7 +4,8 @@ Prune Once for All trains the pruned student with ``hard_weight * task_loss + so
 ``kd_loss`` is Hinton et al.'s temperature-scaled KL divergence. All losses here are computed in float32 whatever
 the logits' dtype (bf16 softmax over a 30k vocabulary loses most of the small probabilities the student should learn
 from) and only over the selected positions (e.g. the masked tokens of MLM), which also keeps the float32 copy small.
-The teacher's tensors are treated as constants (detached).
+Extractive QA distils distributions over positions instead of over a vocabulary (`span_kd_loss`). The teacher's
+tensors are treated as constants (detached).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["distillation_loss", "hidden_state_loss", "kd_loss"]
+__all__ = ["distillation_loss", "hidden_state_loss", "kd_loss", "span_kd_loss"]
 
 
 def _select(name: str, tensor: Tensor, mask: Tensor | None, feature_dims: int) -> Tensor:
@@ -60,6 +61,38 @@ def kd_loss(
         F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1), reduction="none", log_target=True
     ).sum(dim=-1)
     return per_position.mean() * temperature**2
+
+
+def span_kd_loss(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float, valid: Tensor) -> Tensor:
+    """``T**2 * KL(softmax(teacher / T) || softmax(student / T))`` over the positions of each example, then the mean.
+
+    For extractive QA: start (or end) logits ``[batch, length]`` hold one distribution over the positions of each
+    example, so the softmax runs over the length dimension, not over a vocabulary at each position (the authors'
+    ``HFTeacherWrapper`` distils ``start_logits`` and ``end_logits`` this way and weights the two 1/2 each).
+    ``valid`` (bool, the logits' shape, e.g. the attention mask) marks the real tokens: padded positions are set to
+    the most negative float32 before either softmax, so they get exactly zero probability in the teacher's and the
+    student's distribution and their logits change nothing (a finite fill, not -inf, so that no ``inf - inf`` makes
+    a NaN, even for an example with no valid position). The mean runs over the examples with at least one valid
+    position. Returns a float32 scalar; 0 (still attached to the student's graph) when no example has one.
+
+    Raises:
+        ValueError: if shapes differ, ``temperature <= 0``, or ``valid`` is not a bool tensor of the logits' shape.
+    """
+    _check_pair(student_logits, teacher_logits, "span logits")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+    if valid.dtype != torch.bool or valid.shape != student_logits.shape:
+        raise ValueError(f"span_kd_loss: valid must be a bool tensor of the logits' shape "
+                         f"{tuple(student_logits.shape)}, got {valid.dtype} {tuple(valid.shape)}")
+    valid = valid.to(student_logits.device)
+    floor = torch.finfo(torch.float32).min
+    student = (student_logits.float() / temperature).masked_fill(~valid, floor)
+    teacher = (teacher_logits.detach().float() / temperature).masked_fill(~valid, floor)
+    log_p_student, log_p_teacher = F.log_softmax(student, dim=-1), F.log_softmax(teacher, dim=-1)
+    per_position = torch.where(valid, log_p_teacher.exp() * (log_p_teacher - log_p_student), 0.0)
+    counted = valid.any(dim=-1)
+    # A sum over examples divided by their count on the device: no host sync in the training step.
+    return per_position.sum(dim=-1).sum() / counted.sum().clamp(min=1) * temperature**2
 
 
 def distillation_loss(

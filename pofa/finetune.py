@@ -19,10 +19,7 @@ With `sparsity.masks: none` the same script fine-tunes a dense model, e.g. the t
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -30,17 +27,16 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from pofa.checkpoint import (RECIPE_FILE, Checkpointer, OutputDirError, check_resume_compatible, prepare_output_dir)
+from pofa.artifacts import (COMPACT_FILE, EVAL_RESULTS_FILE, MASKS_FILE, ONNX_FILE, SEEDS_FILE, SPARSITY_FILE)
+from pofa.checkpoint import OutputDirError
 from pofa.data.mlm import batch_indices
-from pofa.loop import (build_optimizer, configure_deepspeed, lr_multiplier, micro_step, plan_steps,
-                       set_learning_rate, steps_for_epochs)
-from pofa.modeling import (ModelLoadError, check_same_vocabulary, load_tokenizer, resolve_model_path,
-                           unpartitioned)
-from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe, save_recipe
+from pofa.loop import LossWindow, lr_multiplier, micro_step, steps_for_epochs
+from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path
+from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe
+from pofa.stage import Stage, format_metrics
 
 RESUME_KEYS = ["model", "task", "training.seed", "training.per_device_batch_size",
                "training.gradient_accumulation_steps", "sparsity", "distillation", "quantization"]
-MASK_FILE = "masks.safetensors"
 
 
 @dataclass
@@ -50,11 +46,6 @@ class FinetuneResult:
     metrics: dict[str, float]
     sparsity: float | None
     seconds: float
-
-
-def _log(accelerator, message: str) -> None:
-    if accelerator.is_main_process:
-        print(message, flush=True)
 
 
 def _warn(message: str) -> None:
@@ -135,37 +126,50 @@ def find_mask_file(name_or_path: str, revision: str | None = None) -> Path | Non
     """The model's masks.safetensors: in its folder, or on the Hub for a Hub id (None when it has none)."""
     path = Path(resolve_model_path(name_or_path))
     if path.is_dir():
-        return path / MASK_FILE if (path / MASK_FILE).is_file() else None
+        return path / MASKS_FILE if (path / MASKS_FILE).is_file() else None
     try:
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(name_or_path, MASK_FILE, revision=revision))
+        return Path(hf_hub_download(name_or_path, MASKS_FILE, revision=revision))
     except Exception:  # noqa: BLE001 - no mask file on the Hub, or no network: the zeros will be used
         return None
 
 
 def locked_masks(recipe: FinetuneRecipe, model):
     """The MaskStore that fine-tuning must keep, per `sparsity.masks`; None for dense fine-tuning."""
-    from pofa.sparsity import DEFAULT_TARGETS, MaskStore, check_masks
+    from pofa.sparsity import DEFAULT_TARGETS, POOLER_TARGET, MaskStore, check_masks
 
     mode = recipe.sparsity.masks
     if mode == "none":
         return None
     mask_file = find_mask_file(recipe.model.name_or_path, recipe.model.revision) if mode in ("auto", "file") else None
     if mode == "file" and mask_file is None:
-        raise RecipeError(f"sparsity.masks: file, but {recipe.model.name_or_path} has no {MASK_FILE}; "
+        raise RecipeError(f"sparsity.masks: file, but {recipe.model.name_or_path} has no {MASKS_FILE}; "
                           "use `zeros` to lock the pattern of its zero weights")
     if mask_file is not None:
-        store = MaskStore.load(mask_file)
+        store = without_absent_pooler(MaskStore.load(mask_file), model)
         check_masks(model, store)  # the weights must already be zero where the masks say pruned
         return store
-    store = MaskStore.from_zeros(model.named_parameters(), include=recipe.sparsity.include or DEFAULT_TARGETS,
-                                 exclude=recipe.sparsity.exclude)
+    include = list(recipe.sparsity.include or DEFAULT_TARGETS) + ([POOLER_TARGET] if recipe.sparsity.pooler else [])
+    store = MaskStore.from_zeros(model.named_parameters(), include=include, exclude=recipe.sparsity.exclude)
     if store.sparsity() < 0.01:
         _warn(f"{recipe.model.name_or_path} has {store.sparsity():.2%} zeros in its targeted weights: there is "
               "nothing to lock, this fine-tuning is dense. Point model.name_or_path at a sparse pre-trained model "
               "(from `pofa pretrain` with pruning), or set sparsity.masks: none to silence this")
     return store
+
+
+def without_absent_pooler(store, model):
+    """The store without the pooler's mask when the task model has no pooler (extractive QA heads read every
+    position, not the pooled [CLS]); every other mask must bind."""
+    import re
+
+    from pofa.sparsity import POOLER_TARGET, MaskStore
+
+    names = {name for name, _ in model.named_parameters()}
+    if any(re.search(POOLER_TARGET, name) for name in names):
+        return store
+    return MaskStore({name: mask for name, mask in store.items() if not re.search(POOLER_TARGET, name)})
 
 
 def zero_pattern(model, store) -> dict[str, torch.Tensor]:
@@ -181,25 +185,28 @@ def zero_pattern(model, store) -> dict[str, torch.Tensor]:
 
 
 def task_loss(model, batch, teacher, recipe: FinetuneRecipe, is_qa: bool):
-    """Task loss, with distillation from the teacher when one is given."""
+    """Task loss, with distillation from the teacher when one is given.
+
+    Classification distils the class distribution of each example (`kd_loss`); extractive QA distils the start and
+    the end distributions over each example's positions, padding excluded (`span_kd_loss`), weighted 1/2 each as the
+    authors' code. Everything stays on the device: no host sync in the step.
+    """
     outputs = model(**batch)
     if teacher is None:
         return outputs.loss
-    from pofa.distill import distillation_loss
+    from pofa.distill import kd_loss, span_kd_loss
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
     with torch.no_grad():
         teacher_out = teacher(**inputs)
     k = recipe.distillation
-    if not is_qa:
-        loss, _ = distillation_loss(outputs.loss, outputs.logits, teacher_out.logits, hard_weight=k.hard_weight,
-                                    soft_weight=k.soft_weight, temperature=k.temperature)
-        return loss
-    mask = batch["attention_mask"].bool()
-    losses = [distillation_loss(outputs.loss, getattr(outputs, f), getattr(teacher_out, f), hard_weight=k.hard_weight,
-                                soft_weight=k.soft_weight, temperature=k.temperature, mask=mask)[0]
-              for f in ("start_logits", "end_logits")]
-    return (losses[0] + losses[1]) / 2
+    if is_qa:
+        valid = batch["attention_mask"].bool()
+        soft = sum(span_kd_loss(getattr(outputs, f), getattr(teacher_out, f), temperature=k.temperature, valid=valid)
+                   for f in ("start_logits", "end_logits")) / 2
+    else:
+        soft = kd_loss(outputs.logits, teacher_out.logits, temperature=k.temperature)
+    return k.hard_weight * outputs.loss.float() + k.soft_weight * soft
 
 
 def predict(model, features, tokenizer, accelerator, batch_size: int, is_qa: bool) -> list[np.ndarray]:
@@ -260,133 +267,103 @@ def evaluate(model, data: TaskData, tokenizer, accelerator, recipe: FinetuneReci
 
 def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = False) -> FinetuneResult:
     """Fine-tune per the recipe; returns the final folder, the evaluation metrics and the locked sparsity."""
-    from pofa.loop import new_accelerator
-
-    started = time.perf_counter()
-    t = recipe.training
-    output_dir = Path(t.output_dir)
-    accelerator = new_accelerator(gradient_accumulation_steps=t.gradient_accumulation_steps,
-                                  mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
-                                  project_dir=str(output_dir))
-    prepare_output_dir(output_dir, resume=resume, overwrite=overwrite, create=False)
+    t, k = recipe.training, recipe.distillation
+    run = Stage.start(recipe, resume=resume, overwrite=overwrite)
     tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path, recipe.model.revision)
-    with accelerator.main_process_first():
+    with run.accelerator.main_process_first():
         data = load_task_data(recipe, tokenizer)
     is_qa = data.spec.kind == "extractive_qa"
     torch.manual_seed(t.seed)
     model = load_task_model(recipe.model.name_or_path, data.spec, recipe.model.revision)
     store = locked_masks(recipe, model)
     pattern_before = zero_pattern(model, store) if store is not None else None
-    teacher = None
-    if recipe.distillation.teacher:
-        with unpartitioned():  # the frozen teacher is never wrapped by DeepSpeed
-            teacher = load_task_model(recipe.distillation.teacher, data.spec)
-        check_same_vocabulary(teacher, model, recipe.distillation.teacher)
-        teacher.requires_grad_(False).eval().to(accelerator.device)
-    max_steps = t.max_steps or steps_for_epochs(
+    teacher = run.load_teacher(lambda: load_task_model(k.teacher, data.spec), model) if k.teacher else None
+    plan = run.plan_steps(t.max_steps or steps_for_epochs(
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, num_processes=accelerator.num_processes)
-    plan = plan_steps(max_steps=max_steps, per_device_batch_size=t.per_device_batch_size,
-                      gradient_accumulation_steps=t.gradient_accumulation_steps,
-                      num_processes=accelerator.num_processes, warmup_ratio=t.warmup_ratio,
-                      warmup_steps=t.warmup_steps)
-    qat_config = None
-    if recipe.quantization.enabled:
-        from pofa.quant import QATConfig, prepare_qat_
-
-        q = recipe.quantization
-        freeze_at = q.freeze_observers_after_step
-        qat_config = QATConfig(weight_bits=q.weight_bits, per_channel=q.per_channel,
-                               activation_observer_momentum=q.activation_observer_momentum,
-                               freeze_observers_after_step=max(1, int(0.9 * plan.max_steps)) if freeze_at is None
-                               else freeze_at, quantize_embeddings=q.quantize_embeddings)
-        prepare_qat_(model, qat_config)  # keeps the Parameter objects: masks, hooks and optimizer still apply
+        gradient_accumulation_steps=t.gradient_accumulation_steps, num_processes=run.accelerator.num_processes))
+    qat_config = prepare_quantization(recipe, model, plan.max_steps)
     if len(data.train) < plan.per_device_batch_size * plan.num_processes:
         raise RecipeError(f"training.per_device_batch_size: the training set has {len(data.train)} examples, fewer "
                           f"than one batch of {plan.per_device_batch_size} x {plan.num_processes} processes")
 
-    if accelerator.is_main_process:
-        prepare_output_dir(output_dir, resume=resume, overwrite=overwrite)
-    accelerator.wait_for_everyone()
-    optimizer = build_optimizer(model, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
-                                betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
-    configure_deepspeed(accelerator, t.per_device_batch_size)
-    prepared, optimizer = accelerator.prepare(model, optimizer)
+    run.open()
+    prepared = run.prepare(model, model)
     guard = None
     if store is not None:
         from pofa.sparsity import MaskGuard, check_masks
 
         guard = MaskGuard(model, store)
-        guard.enforce_(optimizer)
+        guard.enforce_(run.optimizer)
         check_masks(model, store)
-
-    checkpointer = Checkpointer(accelerator, output_dir, t.keep_last)
-    step = 0
-    if resume and (latest := checkpointer.latest()) is not None:
-        check_resume_compatible((latest / RECIPE_FILE).read_text(), recipe, latest, RESUME_KEYS)
-        step = checkpointer.load(latest)["step"]
-        if guard is not None:
-            guard.enforce_(optimizer)
-        _log(accelerator, f"resumed from {latest} at step {step}")
-    if accelerator.is_main_process:
-        save_recipe(recipe, output_dir / RECIPE_FILE)
-    sparsity_text = f", locked sparsity {store.sparsity():.2%} over {len(store)} weights" if store is not None else \
-        ", dense (no masks)"
-    _log(accelerator, f"finetune {data.spec.name}: {recipe.model.name_or_path}{sparsity_text}; {len(data.train)} "
-                      f"training features, {plan.max_steps} steps x {plan.global_batch_size}"
-                      f"{', distilling from ' + recipe.distillation.teacher if teacher is not None else ''}"
-                      f"{', QAT int8' if qat_config is not None else ''}")
+    step = run.resume(RESUME_KEYS)["step"]
+    if guard is not None and step > 0:
+        guard.enforce_(run.optimizer)
+    locked = f"locked sparsity {store.sparsity():.2%} over {len(store)} weights" if store is not None else "dense"
+    run.log(f"finetune {data.spec.name}: {recipe.model.name_or_path}, {locked}; {len(data.train)} training "
+            f"features, {plan.max_steps} steps x {plan.global_batch_size}"
+            f"{', distilling from ' + k.teacher if teacher is not None else ''}{', QAT int8' if qat_config else ''}")
 
     prepared.train()
-    window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
+    window, metrics = LossWindow(), None
     while step < plan.max_steps:
-        set_learning_rate(optimizer, t.learning_rate * lr_multiplier(
-            step, max_steps=plan.max_steps, warmup_steps=plan.warmup_steps, schedule=t.lr_schedule))
+        run.set_lr(lr_multiplier(step, max_steps=plan.max_steps, warmup_steps=plan.warmup_steps,
+                                 schedule=t.lr_schedule))
         for accumulation_index in range(t.gradient_accumulation_steps):
             rows = batch_indices(plan.micro_step(step, accumulation_index), num_examples=len(data.train),
                                  per_device_batch_size=t.per_device_batch_size,
-                                 num_processes=accelerator.num_processes, process_index=accelerator.process_index,
-                                 seed=t.seed)
-            batch = {k: v.to(accelerator.device) for k, v in collate(data.train, rows, tokenizer).items()}
-            loss = micro_step(accelerator, prepared, optimizer,
-                              lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm)
-            window_loss += loss.float()  # stays on the device: .item() here would sync every micro-step
-            window_count += 1
+                                 num_processes=run.accelerator.num_processes,
+                                 process_index=run.accelerator.process_index, seed=t.seed)
+            batch = {key: v.to(run.accelerator.device) for key, v in collate(data.train, rows, tokenizer).items()}
+            window.add(micro_step(run.accelerator, prepared, run.optimizer,
+                                  lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm))
         step += 1
+        run.stepped(plan.global_batch_size)
         if qat_config is not None:
             from pofa.quant import qat_step_
 
             qat_step_(model, step, qat_config)
-        if step % t.log_every == 0 or step == plan.max_steps:
-            rate = window_count * t.per_device_batch_size / max(time.perf_counter() - window_start, 1e-9)
-            _log(accelerator, f"step {step}: loss {float(window_loss) / max(window_count, 1):.4f} "
-                              f"lr {optimizer.param_groups[0]['lr']:.3g} examples_per_s {rate:.1f}")
-            window_loss, window_count, window_start = 0.0, 0, time.perf_counter()
-        if step % t.eval_every == 0 and step < plan.max_steps:
-            _log(accelerator, f"step {step}: " + _format(evaluate(prepared, data, tokenizer, accelerator, recipe)))
-        if step % t.save_every == 0 and step < plan.max_steps:
-            checkpointer.save(step, {}, recipe)
-
-    metrics = evaluate(prepared, data, tokenizer, accelerator, recipe)
-    _log(accelerator, f"step {step}: " + _format(metrics))
+        if run.due_log(step):
+            run.log_step(step, window.mean(), "examples")
+        if run.due_eval(step):
+            metrics = evaluate(prepared, data, tokenizer, run.accelerator, recipe)
+            run.log(f"step {step}: {format_metrics(metrics)}")
+            run.track({f"eval/{name}": value for name, value in metrics.items()}, step)
+        if run.due_save(step):
+            run.save(step, {})
+    if metrics is None:  # resumed at the end: nothing was trained in this process
+        metrics = evaluate(prepared, data, tokenizer, run.accelerator, recipe)
     if store is not None:
-        from pofa.sparsity import check_masks
-
-        check_masks(model, store)
-        after = {name: (weight == 0).cpu() for name, weight in guard.full_weights().items()}
-        changed = [n for n in pattern_before if not torch.equal(pattern_before[n], after[n])]
-        if changed:  # a zero was revived, or a kept weight became exactly zero: the pattern is not the input's
-            raise RuntimeError(f"the zero pattern changed during fine-tuning in {changed[:3]}")
-    checkpointer.save(step, {}, recipe)
-    final_dir = save_final(accelerator, model, tokenizer, recipe, output_dir, store=store, metrics=metrics,
-                           data=data)
-    _log(accelerator, f"final model: {final_dir}")
-    return FinetuneResult(output_dir, final_dir, metrics, store.sparsity() if store is not None else None,
-                          time.perf_counter() - started)
+        check_pattern_kept(model, store, guard, pattern_before)
+    final_dir = run.finish(step, {}, final_writer(run, model, tokenizer, store, metrics, data))
+    return FinetuneResult(run.output_dir, final_dir, metrics, store.sparsity() if store is not None else None,
+                          run.seconds())
 
 
-def _format(metrics: dict[str, float]) -> str:
-    return " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+def prepare_quantization(recipe: FinetuneRecipe, model, max_steps: int):
+    """With `quantization.enabled`, fake int8 on the encoder Linears (same Parameter objects: masks, hooks and the
+    optimizer still apply); returns the QAT config, or None."""
+    if not recipe.quantization.enabled:
+        return None
+    from pofa.quant import QATConfig, prepare_qat_
+
+    q = recipe.quantization
+    freeze_at = max(1, int(0.9 * max_steps)) if q.freeze_observers_after_step is None else q.freeze_observers_after_step
+    config = QATConfig(weight_bits=q.weight_bits, per_channel=q.per_channel,
+                       activation_observer_momentum=q.activation_observer_momentum,
+                       freeze_observers_after_step=freeze_at, quantize_embeddings=q.quantize_embeddings)
+    prepare_qat_(model, config)
+    return config
+
+
+def check_pattern_kept(model, store, guard, pattern_before: dict[str, torch.Tensor]) -> None:
+    """The masks hold and the zero pattern is the input's, bit for bit (no zero revived, no kept weight zeroed)."""
+    from pofa.sparsity import check_masks
+
+    check_masks(model, store)
+    after = {name: (weight == 0).cpu() for name, weight in guard.full_weights().items()}
+    changed = [name for name in pattern_before if not torch.equal(pattern_before[name], after[name])]
+    if changed:
+        raise RuntimeError(f"the zero pattern changed during fine-tuning in {changed[:3]}")
 
 
 def parity_batches(data: TaskData, tokenizer, size: int = 32, limit: int = 256) -> list[dict[str, torch.Tensor]]:
@@ -400,47 +377,46 @@ def parity_batches(data: TaskData, tokenizer, size: int = 32, limit: int = 256) 
     return batches
 
 
-def save_final(accelerator, model, tokenizer, recipe: FinetuneRecipe, output_dir: Path, *, store, metrics,
-               data: TaskData) -> Path:
-    """Write `final/` atomically: model, tokenizer, recipe, eval results, masks + sparsity report, compact, ONNX."""
-    final_dir, tmp = output_dir / "final", output_dir / ".tmp-final"
-    state_dict = accelerator.get_state_dict(model)
+def final_writer(run: Stage, model, tokenizer, store, metrics, data: TaskData):
+    """What `final/` holds: model, tokenizer, eval results, masks + sparsity report, compact file, ONNX.
+
+    The collectives (gathering the weights under DeepSpeed ZeRO-3 / FSDP, the sparsity report) run here on every
+    process; the returned function writes on the main process only.
+    """
+    recipe = run.recipe
+    state_dict = run.accelerator.get_state_dict(model)
     report = None
-    if store is not None:  # a collective under DeepSpeed ZeRO / FSDP: every rank takes part
+    if store is not None:
         from pofa.sparsity import sparsity_report
 
-        report = sparsity_report(accelerator.unwrap_model(model), store)
-    if accelerator.is_main_process:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        unwrapped = accelerator.unwrap_model(model)
+        report = sparsity_report(run.accelerator.unwrap_model(model), store)
+
+    def write(folder: Path) -> None:
+        unwrapped = run.accelerator.unwrap_model(model)
         qat_buffers = _qat_buffer_keys(unwrapped)  # observer state: in checkpoints, not in the plain HF folder
-        unwrapped.save_pretrained(tmp, state_dict={k: v for k, v in state_dict.items() if k not in qat_buffers},
+        unwrapped.save_pretrained(folder, state_dict={k: v for k, v in state_dict.items() if k not in qat_buffers},
                                   safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-        save_recipe(recipe, tmp / RECIPE_FILE)
+        tokenizer.save_pretrained(folder)
         source = recipe.task.data_files or data.spec.hub_path or data.spec.name
-        (tmp / "eval_results.json").write_text(json.dumps(
+        (folder / EVAL_RESULTS_FILE).write_text(json.dumps(
             {"task": data.spec.name, "dataset": source if isinstance(source, str) else data.spec.name,
              "metrics": metrics}, indent=2))
         if store is not None:
-            store.save(tmp / MASK_FILE)
-            (tmp / "sparsity.json").write_text(json.dumps(report, indent=2))
+            store.save(folder / MASKS_FILE)
+            (folder / SPARSITY_FILE).write_text(json.dumps(report, indent=2))
         if recipe.export.compact:
             from pofa.compact import save_compact
 
-            save_compact(unwrapped, tmp / "compact.safetensors",
+            save_compact(unwrapped, folder / COMPACT_FILE,
                          masks=_bound_masks(unwrapped, store) if store is not None else None)
         if recipe.export.onnx:
             from pofa.quant import export_onnx
 
-            export_onnx(unwrapped, parity_batches(data, tokenizer)[0], tmp / "model.onnx",
-                        int8=recipe.quantization.enabled, parity_batches=parity_batches(data, tokenizer))
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
-    accelerator.wait_for_everyone()
-    return final_dir
+            batches = parity_batches(data, tokenizer)
+            export_onnx(unwrapped, batches[0], folder / ONNX_FILE, int8=recipe.quantization.enabled,
+                        parity_batches=batches)
+
+    return write
 
 
 def _bound_masks(model, store) -> dict[str, torch.Tensor]:
@@ -476,7 +452,7 @@ def finetune_seeds(recipe: FinetuneRecipe, seeds: Sequence[int], *, resume: bool
         runs[seed] = finetune(run, resume=resume, overwrite=overwrite).metrics
     summary = {"seeds": {str(s): m for s, m in runs.items()}, "aggregate": aggregate_seeds(list(runs.values()))}
     root.mkdir(parents=True, exist_ok=True)
-    (root / "seeds.json").write_text(json.dumps(summary, indent=2))
+    (root / SEEDS_FILE).write_text(json.dumps(summary, indent=2))
     for metric, stats in summary["aggregate"].items():
         print(f"{metric}: mean {stats['mean']:.4f} std {stats['std']:.4f} over {stats['n']} seeds "
               f"({', '.join(f'{runs[s][metric]:.4f}' for s in seeds)})")
@@ -495,15 +471,14 @@ def parse_seeds(text: str) -> list[int]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from pofa.data.tasks import TaskDataError
-    from pofa.pretrain import build_parser
+    from pofa.pretrain import build_parser, with_output_dir
 
     parser = build_parser("pofa finetune")
     parser.description = __doc__.split("\n\n")[0]
     parser.add_argument("--seeds", help="comma-separated seeds: one run each, then the mean (e.g. 1,2,3)")
     args = parser.parse_args(argv)
-    overrides = list(args.overrides) + ([f"training.output_dir={args.output_dir}"] if args.output_dir else [])
     try:
-        recipe = load_recipe(args.recipe, overrides, FinetuneRecipe)
+        recipe = with_output_dir(load_recipe(args.recipe, args.overrides, FinetuneRecipe), args.output_dir)
         if args.seeds:
             finetune_seeds(recipe, parse_seeds(args.seeds), resume=args.resume, overwrite=args.overwrite)
         else:

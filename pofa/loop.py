@@ -60,21 +60,70 @@ def steps_for_epochs(*, num_examples: int, epochs: float, per_device_batch_size:
     return max(1, math.ceil(epochs * num_examples / per_step))
 
 
-def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str = "linear",
-                  warmup_from: int = 0) -> float:
+def lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, schedule: str = "linear") -> float:
     """Factor applied to the peak learning rate for the optimizer step `step` (counted from 0).
 
-    Linear warm-up over `warmup_steps` starting at `warmup_from` (a later start rewinds the warm-up, as at a
-    pruning event), then linear decay to 0 at `max_steps` (`schedule="linear"`) or constant.
+    Linear warm-up over `warmup_steps` ((step + 1) / warmup_steps, so the first update already moves), then linear
+    decay to 0 at `max_steps` (`schedule="linear"`) or constant.
     """
-    decay = 1.0
-    if schedule == "linear":
-        decay = max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps)) if step >= warmup_steps else 1.0
-    elif schedule != "constant":
+    if schedule not in ("linear", "constant"):
         raise ValueError(f"unknown learning-rate schedule {schedule!r}")
-    since = step - warmup_from
-    warm = min(1.0, (since + 1) / warmup_steps) if warmup_steps > 0 else 1.0
-    return min(warm, decay) if since < warmup_steps else decay
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def rewinding_lr_multiplier(step: int, *, max_steps: int, warmup_steps: int, ramp_start: int, ramp_end: int,
+                            rewind_every: int) -> float:
+    """Prune Once for All's learning rate with rewinding: the factor for optimizer step `step` (counted from 0).
+
+    The authors' schedule (`get_linear_rewinding_schedule_with_warmup` in IntelLabs Model-Compression-Research-
+    Package's `api_utils.py`, which their `run_mlm.py --lr_rewind` installs with the pruning config's
+    `policy_begin_step`, `policy_end_step` and `pruning_frequency`). The run is read as if the sparsity ramp
+    [`ramp_start`, `ramp_end`) were cut out: a linear decay over the remaining `max_steps - (ramp_end - ramp_start)`
+    steps. Inside the ramp the step is wound back to the latest pruning event, so the rate stays near the value it
+    had when the ramp began (about 1.02x the peak for the paper's 100k-step run) and rewinds slightly at every event;
+    after the ramp it decays linearly to 0 at `max_steps`. Warm-up: `step / warmup_steps` (0 at step 0, as theirs).
+    """
+    ramp = ramp_end - ramp_start
+    steps_without_ramp = max_steps - ramp
+    slope = float(max(1, steps_without_ramp - warmup_steps))
+    if step < warmup_steps:
+        return step / max(1.0, warmup_steps)
+    if ramp_start <= step < ramp_end:
+        rewound = (step - ramp_start) // rewind_every * rewind_every
+        return max(0.0, (steps_without_ramp - step + rewound) / slope)
+    skipped = ramp if step < ramp_start else 0
+    return max(0.0, (max_steps - skipped - step) / slope)
+
+
+def due(step: int, every: int, last: int) -> bool:
+    """Whether a periodic action (log, evaluation, checkpoint) runs after `step` completed optimizer steps: every
+    `every` steps and at the last step `last`."""
+    return step % every == 0 or step == last
+
+
+class LossWindow:
+    """Running mean of the loss between two log lines, kept on the device.
+
+    `add` only adds tensors (no host synchronisation inside the step); `mean` reads the value once, when a line is
+    logged, and starts a new window.
+    """
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.count = 0
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.total = self.total + loss.detach().float()
+        self.count += 1
+
+    def mean(self) -> float:
+        value = float(self.total) / max(1, self.count)
+        self.total, self.count = 0.0, 0
+        return value
 
 
 def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -72,15 +72,80 @@ def load_config(name_or_path: str, revision: str | None = None, overrides: dict 
 
 
 def load_mlm_model(name_or_path: str, *, revision: str | None = None, from_scratch: bool = False,
-                   config_overrides: dict | None = None, dtype: torch.dtype | None = None):
-    """An `AutoModelForMaskedLM` from a Hub id or folder, or fresh weights from its config when `from_scratch`."""
+                   config_overrides: dict | None = None, dtype: torch.dtype | None = None, keep_pooler: bool = False):
+    """An `AutoModelForMaskedLM` from a Hub id or folder, or fresh weights from its config when `from_scratch`.
+
+    The checkpoint's pooler (which `...ForMaskedLM` classes drop) is kept, frozen: fine-tuning heads read it, and a
+    model saved without it would start every downstream task from a random pooler. With `keep_pooler`, a model that
+    has none in its checkpoint (or is built from scratch) gets a fresh one, so that it can be pruned as the authors'
+    pre-training model (`BertForPreTraining`) was.
+    """
     path = resolve_model_path(name_or_path)
     if from_scratch:
-        return AutoModelForMaskedLM.from_config(load_config(path, revision, config_overrides))
+        model = AutoModelForMaskedLM.from_config(load_config(path, revision, config_overrides))
+        if keep_pooler:
+            attach_pooler_(model, {})
+        return model
     try:
-        return AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=dtype)
+        model = AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _explain(path, "model", exc) from None
+    weights = checkpoint_pooler(path, revision)
+    if weights or keep_pooler:
+        attach_pooler_(model, weights)
+    return model
+
+
+def checkpoint_pooler(path: str, revision: str | None = None) -> dict[str, torch.Tensor]:
+    """The pooler's tensors in a checkpoint's safetensors files, keyed by their name under `pooler.`; {} if none."""
+    import json
+
+    from safetensors import safe_open
+    from transformers.utils import cached_file
+
+    def find(filename: str) -> str | None:
+        try:
+            return cached_file(path, filename, revision=revision, _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            return None
+
+    files = []
+    if (index := find("model.safetensors.index.json")) is not None:
+        weight_map = json.loads(Path(index).read_text())["weight_map"]
+        files = sorted({find(f) for name, f in weight_map.items() if ".pooler." in f".{name}"} - {None})
+    elif (single := find("model.safetensors")) is not None:
+        files = [single]
+    found = {}
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            for key in f.keys():
+                if ".pooler." in f".{key}":
+                    found[key.split("pooler.", 1)[1]] = f.get_tensor(key)
+    return found
+
+
+def attach_pooler_(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
+    """Give `model`'s base model its family's pooler (frozen), loaded from `weights` when given; False when the
+    family has no pooler (DistilBERT, ELECTRA) or the model already has one."""
+    import sys
+
+    base = getattr(model, model.base_model_prefix, None)
+    if base is None or getattr(base, "pooler", "absent") is not None:
+        return False
+    family = sys.modules[type(base).__module__]
+    pooler_classes = [getattr(family, name) for name in dir(family) if name.endswith("Pooler")]
+    if len(pooler_classes) != 1:
+        return False
+    pooler = pooler_classes[0](model.config)
+    if weights:
+        pooler.load_state_dict({k: v.to(next(pooler.parameters()).dtype) for k, v in weights.items()})
+    elif hasattr(model, "_init_weights"):
+        pooler.apply(model._init_weights)
+    dtype = next(model.parameters()).dtype
+    # Frozen: MLM alone gives it no gradient (the authors' pre-training trains it through next-sentence prediction),
+    # and a parameter without a gradient would stop DDP.
+    base.pooler = pooler.to(dtype=dtype, device=next(model.parameters()).device).requires_grad_(False)
+    return True
 
 
 @contextmanager
@@ -139,8 +204,16 @@ class MaskedLM(nn.Module):
         # The head is looked up at each forward, not stored: storing it would register its parameters twice.
         self.all_logits = all_logits or mlm_head(model) is None
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, distill_mask=None):
-        """Returns (loss, logits, selected): `logits` are [num_selected, vocab] at the positions where `selected`."""
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, distill_mask=None, reduction="mean"):
+        """Returns (loss, logits, selected): `logits` are [num_selected, vocab] at the positions where `selected`.
+
+        `loss` is the cross-entropy over the labelled positions (label != -100): their mean (`reduction="mean"`), or
+        their sum (`"sum"`), which an evaluation adds up and divides by the total count of labels once. A batch with
+        no label gives 0, attached to the graph, not NaN (the mean of nothing): a held-out padding batch then counts
+        nothing, and a training step on it changes nothing.
+        """
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         selected = labels != -100 if distill_mask is None else distill_mask
         if self.all_logits:
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
@@ -150,5 +223,8 @@ class MaskedLM(nn.Module):
             hidden = base(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
             logits = mlm_head(self.model)(hidden[selected])
         target = labels[selected]
-        loss = nn.functional.cross_entropy(logits.float(), target, ignore_index=-100)
+        loss = nn.functional.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
+        if reduction == "mean":
+            # clamp, not an `if`: no host sync, and 0 / 1 keeps the graph (and zero gradients) when nothing is labelled
+            loss = loss / (target != -100).sum().clamp(min=1)
         return loss, logits, selected

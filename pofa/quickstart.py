@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from pofa.artifacts import COMPACT_FILE, FINAL_DIR, ONNX_FILE, RECIPE_FILE
+
 RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 
 FAST_PRETRAIN = ["training.max_steps=4", "training.eval_every=2", "training.save_every=2", "training.log_every=2",
@@ -33,8 +35,8 @@ FAST_FINETUNE = ["training.max_steps=3", "task.max_train_examples=64", "task.max
 
 def stage_overrides(out: Path) -> dict[str, list[str]]:
     """Dotted overrides that chain the stages under `out`."""
-    teacher, student = out / "teacher" / "final", out / "student" / "final"
-    dense, sparse = out / "dense-finetune" / "final", out / "sparse-finetune" / "final"
+    teacher, student = out / "teacher" / FINAL_DIR, out / "student" / FINAL_DIR
+    dense, sparse = out / "dense-finetune" / FINAL_DIR, out / "sparse-finetune" / FINAL_DIR
     return {
         "teacher": [f"training.output_dir={out / 'teacher'}"],
         "student": [f"training.output_dir={out / 'student'}", f"model.name_or_path={teacher}",
@@ -52,7 +54,7 @@ STAGES = [("teacher", "quickstart-teacher.yaml"), ("student", "quickstart-studen
 
 
 def _done(folder: Path) -> bool:
-    return (folder / "final" / "recipe.yaml").is_file()
+    return (folder / FINAL_DIR / RECIPE_FILE).is_file()
 
 
 def run(output_dir: Path, *, overwrite: bool = False, resume: bool = False, fast: bool = False,
@@ -85,7 +87,7 @@ def run(output_dir: Path, *, overwrite: bool = False, resume: bool = False, fast
         print(f"\n== stage {name}: {RECIPES / file} -> {stage_dir}", flush=True)
         t0 = time.perf_counter()
         if resume and _done(stage_dir):
-            print(f"   already complete: {stage_dir / 'final'}")
+            print(f"   already complete: {stage_dir / FINAL_DIR}")
             summary["stages"][name] = json.loads((output_dir / "summary.json").read_text())["stages"][name]
             continue
         if pretraining:
@@ -112,28 +114,28 @@ def publish_dry_run(output_dir: Path) -> Path:
     """Prepare the QAT model's folder for the Hub (model card and all) without uploading it."""
     from pofa.hub import push_to_hub
 
-    return Path(push_to_hub(output_dir / "qat" / "final", "pofa/minilm-sparse90-movie-reviews-int8", dry_run=True,
-                            base_model="sentence-transformers/all-MiniLM-L6-v2", datasets=["rotten_tomatoes"]))
+    # The base model and the data sets come from the recipe chain that made the folder.
+    return Path(push_to_hub(output_dir / "qat" / FINAL_DIR, "pofa/minilm-sparse90-movie-reviews-int8", dry_run=True))
 
 
 def sizes(output_dir: Path) -> dict:
     from pofa.compact import compact_size_report
 
-    qat = output_dir / "qat" / "final"
-    report = compact_size_report(qat / "compact.safetensors")
-    return {"dense_fp32_safetensors_bytes": (output_dir / "dense-finetune" / "final" / "model.safetensors").stat().st_size,
+    qat = output_dir / "qat" / FINAL_DIR
+    report = compact_size_report(qat / COMPACT_FILE)
+    return {"dense_fp32_safetensors_bytes": (output_dir / "dense-finetune" / FINAL_DIR / "model.safetensors").stat().st_size,
             "compact_int8_bytes": report["file_bytes"],
-            "compact_fp32_bytes": (output_dir / "sparse-finetune" / "final" / "compact.safetensors").stat().st_size, "encoder_linear_ratio": report["encoder_linear_weights"]["ratio"],
+            "compact_fp32_bytes": (output_dir / "sparse-finetune" / FINAL_DIR / COMPACT_FILE).stat().st_size, "encoder_linear_ratio": report["encoder_linear_weights"]["ratio"],
             "model_ratio": report["model"]["ratio"],
-            "onnx_int8_bytes": (qat / "model.onnx").stat().st_size if (qat / "model.onnx").exists() else None}
+            "onnx_int8_bytes": (qat / ONNX_FILE).stat().st_size if (qat / ONNX_FILE).exists() else None}
 
 
 def latencies(output_dir: Path, repeats: int) -> list[dict]:
     from pofa.runtime import benchmark_latency
 
-    qat = output_dir / "qat" / "final"
-    onnx = qat / "model.onnx"
-    return benchmark_latency(output_dir / "sparse-finetune" / "final", batch_sizes=(1, 8), seq_len=64,
+    qat = output_dir / "qat" / FINAL_DIR
+    onnx = qat / ONNX_FILE
+    return benchmark_latency(output_dir / "sparse-finetune" / FINAL_DIR, batch_sizes=(1, 8), seq_len=64,
                              onnx_int8_path=onnx if onnx.exists() else None, repeats=repeats, warmup=1)
 
 

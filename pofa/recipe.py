@@ -10,6 +10,8 @@ model records how it was made.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -156,8 +158,9 @@ class OptimConfig:
     log_every: int = 10
     """Log loss, learning rate and tokens/s every this many optimizer steps."""
 
-    trackers: list[Literal["tensorboard"]] = field(default_factory=list)
-    """Experiment trackers through accelerate (`tensorboard`)."""
+    trackers: list[str] = field(default_factory=list)
+    """Experiment trackers through accelerate, by accelerate's names: `tensorboard`, `wandb`, `mlflow`, `comet_ml`,
+    `aim`, `clearml`, `dvclive`, `swanlab`, `trackio` (each needs its own package installed)."""
 
 
 @dataclass
@@ -234,8 +237,19 @@ class PruningConfig:
     exclude: list[str] = field(default_factory=list)
     """Regexes over parameter names to keep dense."""
 
+    pooler: bool = False
+    """Also prune the pooler's dense weight. The authors' config prunes every Linear but the MLM head (`not_to_prune:
+    cls`), the pooler included; pofa's default keeps it dense. The MLM model then keeps the checkpoint's pooler."""
+
+    revive: bool = False
+    """Recompute every mask from all weights, pruned ones scored by the value they had when pruned (decayed as AdamW
+    decays them), so that a pruned weight can come back at a later event, as in the authors' reparametrised weights
+    (weight = original x mask). Off: pruned stays pruned. Costs one fp32 copy of the targeted weights."""
+
     lr_rewind: bool = False
-    """Restart the learning-rate warm-up at each pruning event (the paper's code offers it)."""
+    """Use the authors' learning-rate rewinding (`pofa.loop.rewinding_lr_multiplier`): during the sparsity ramp
+    (`start_step` to `end_step`) the rate stays near its peak, wound back at every pruning event, then decays linearly
+    to 0 at `training.max_steps`. Needs `training.lr_schedule: linear`."""
 
 
 @dataclass
@@ -323,6 +337,10 @@ class SparsityLockConfig:
 
     exclude: list[str] = field(default_factory=list)
     """Regexes of parameters not to lock."""
+
+    pooler: bool = False
+    """Also lock the pooler's dense weight when masks come from zeros (a model pruned as the authors did, pooler
+    included, e.g. Intel/bert-base-uncased-sparse-90-unstructured-pruneofa)."""
 
 
 @dataclass
@@ -420,6 +438,8 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
         if p.enabled:
             checks.append(("pruning.end_step", p.end_step <= t.max_steps,
                            f"must be <= training.max_steps ({t.max_steps}) so the target sparsity is reached"))
+            checks.append(("pruning.lr_rewind", not p.lr_rewind or t.lr_schedule == "linear",
+                           "the authors' rewinding schedule decays linearly: needs training.lr_schedule: linear"))
     if isinstance(recipe, FinetuneRecipe):
         t, task, q = recipe.training, recipe.task, recipe.quantization
         checks += _training_checks(t)
@@ -458,8 +478,17 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
     return checks
 
 
+def _known_trackers() -> list[str]:
+    from accelerate.utils import LoggerType
+
+    return [kind.value for kind in LoggerType if kind.value != "all"]
+
+
 def _training_checks(t: OptimConfig) -> list[tuple[str, bool, str]]:
+    unknown = [name for name in t.trackers if name not in _known_trackers()]
     return [
+        ("training.trackers", not unknown, f"unknown tracker {unknown[0] if unknown else ''!r}; accelerate knows "
+                                           f"{', '.join(_known_trackers())}"),
         ("training.per_device_batch_size", t.per_device_batch_size >= 1, "must be >= 1"),
         ("training.gradient_accumulation_steps", t.gradient_accumulation_steps >= 1, "must be >= 1"),
         ("training.learning_rate", t.learning_rate > 0, "must be > 0"),
@@ -483,6 +512,97 @@ EMBEDDED_CORPORA = ("python-docs",)
 # Parsing
 # --------------------------------------------------------------------------------------------------------------------
 
+# Numbers as a person types them. PyYAML follows YAML 1.1, whose floats need a dot and a signed exponent: `1e-4`,
+# `5E-5` and `+2.5e3` load as strings there, and `012` as octal. The recipe loader reads untagged scalars as Python
+# reads number literals instead (YAML 1.2's core schema, with single underscores between digits; leading zeros are
+# decimal): `1_000`, `-3`, `0x1f` are ints; `1e-4`, `.5`, `1.0e+5`, `.inf` are floats; `1:30`, `inf`, `1__0` stay
+# strings. The number keeps the text as typed, so a str field (a Hub revision `1e4`, a commit `20231101`) receives
+# that text, not `str(10000.0)`; other fields receive plain int and float (`_convert`).
+_DIGITS = r"[0-9](?:_?[0-9])*"
+_INT_RE = re.compile(rf"^[-+]?(?:{_DIGITS}|0[xX](?:_?[0-9a-fA-F])+|0[oO](?:_?[0-7])+|0[bB](?:_?[01])+)$")
+_FLOAT_RE = re.compile(rf"^(?:[-+]?(?:{_DIGITS}(?:\.(?:{_DIGITS})?)?|\.{_DIGITS})(?:[eE][-+]?{_DIGITS})?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+class _Int(int):
+    """An int read from a recipe, with `text`: the scalar as typed."""
+
+
+class _Float(float):
+    """A float read from a recipe, with `text`: the scalar as typed."""
+
+
+def _construct_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Int:
+    text = loader.construct_scalar(node)
+    try:
+        number = _Int(int(text, 0) if re.match(r"^[-+]?0[xXoObB]", text) else int(text))
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer", node.start_mark) from None
+    number.text = text
+    return number
+
+
+def _construct_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> _Float:
+    text = loader.construct_scalar(node)
+    special = {".inf": math.inf, "-.inf": -math.inf, ".nan": math.nan}
+    key = text.lower().removeprefix("+")
+    try:
+        number = _Float(special[key] if key in special else float(text))
+    except ValueError:
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not a number", node.start_mark) from None
+    number.text = text
+    return number
+
+
+def _resolvers(*, keep_yaml11_numbers: bool = False) -> dict[str, list]:
+    """SafeLoader's implicit resolvers with the int and float patterns above added (replacing YAML 1.1's, or not)."""
+    drop = () if keep_yaml11_numbers else (_INT_TAG, _FLOAT_TAG)
+    table = {first: [(tag, rx) for tag, rx in rules if tag not in drop]
+             for first, rules in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for tag, rx in ((_INT_TAG, _INT_RE), (_FLOAT_TAG, _FLOAT_RE)):  # int first: `1_000` is an int
+        for first in "-+0123456789.":
+            table.setdefault(first, []).append((tag, rx))
+    return table
+
+
+class RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` reading numbers as Python does (see above); used for recipe files and override values."""
+
+    yaml_implicit_resolvers = _resolvers()
+
+
+RecipeLoader.add_constructor(_INT_TAG, _construct_int)
+RecipeLoader.add_constructor(_FLOAT_TAG, _construct_float)
+
+
+class RecipeDumper(yaml.SafeDumper):
+    """`yaml.SafeDumper` that quotes every string RecipeLoader or YAML 1.1 would read as a number
+    (`revision: '1e4'`), so a dumped recipe loads back equal with RecipeLoader and with `yaml.safe_load` alike."""
+
+    yaml_implicit_resolvers = _resolvers(keep_yaml11_numbers=True)
+
+
+RecipeDumper.add_representer(_Int, yaml.SafeDumper.represent_int)
+RecipeDumper.add_representer(_Float, yaml.SafeDumper.represent_float)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
+def _plain(value: Any) -> Any:
+    """`value` with the text-keeping numbers turned into plain int and float (for fields typed Any)."""
+    if isinstance(value, _Int):
+        return int(value)
+    if isinstance(value, _Float):
+        return float(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    return value
+
 
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -492,7 +612,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     """Convert a YAML value to `tp`, or raise RecipeError naming `key`."""
     origin = get_origin(tp)
     if tp is Any:
-        return value
+        return _plain(value)
     if origin in (Union, types.UnionType):
         options = get_args(tp)
         if value is None:
@@ -509,7 +629,10 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
                 errors.append(str(exc))
         raise RecipeError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {_type_name(tp)}")
     if origin is Literal:
+        value = _plain(value)
         allowed = get_args(tp)
+        if value is False and "no" in allowed:  # YAML 1.1 reads a bare `no` (mixed_precision: no) as false
+            value = "no"
         if value not in allowed:
             raise RecipeError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value
@@ -521,7 +644,7 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise RecipeError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is bool:
@@ -529,14 +652,20 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise RecipeError(f"{key}: expected true or false, got {value!r}")
         return value
     if tp is int:
+        if isinstance(value, float) and value.is_integer():  # `max_steps: 1e5`
+            value = int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise RecipeError(f"{key}: expected an integer, got {value!r}")
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise RecipeError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # `.inf` would pass checks such as `> 0`
+            raise RecipeError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, (_Int, _Float)):  # a scalar that reads as a number: the text as typed
+            return value.text
         if not isinstance(value, str):
             raise RecipeError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
         return value
@@ -571,14 +700,14 @@ def recipe_from_dict(cls: type, data: dict[str, Any], *, source: str = "<dict>")
 
 
 def parse_overrides(overrides: Sequence[str]) -> list[tuple[list[str], Any]]:
-    """Parse `a.b=value` strings; the value is read as YAML (`3`, `true`, `null`, `[a, b]`)."""
+    """Parse `a.b=value` strings; the value is read as YAML (`3`, `1e-4`, `true`, `null`, `[a, b]`) by RecipeLoader."""
     parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise RecipeError(f"override {item!r}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=100")
         try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
+            value = _yaml_load(raw) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise RecipeError(f"override {item!r}: value is not valid YAML ({exc})") from None
         parsed.append((key.strip().split("."), value))
@@ -609,7 +738,7 @@ def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type = Pre
     if not path.is_file():
         raise RecipeError(f"{path}: recipe file not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise RecipeError(f"{path}: not valid YAML ({exc})") from None
     if not isinstance(data, dict):
@@ -627,7 +756,7 @@ RECIPE_CLASSES: dict[str, type] = {"teacher": PretrainRecipe, "student": Pretrai
 def recipe_class_for(path: str | Path) -> type:
     """The recipe class named by a file's `stage:` key (pre-training stages when absent)."""
     try:
-        data = yaml.safe_load(Path(path).read_text()) or {}
+        data = _yaml_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
     stage = data.get("stage", "teacher") if isinstance(data, dict) else "teacher"
@@ -642,7 +771,7 @@ def recipe_to_dict(recipe: Any) -> dict[str, Any]:
 
 def dump_recipe(recipe: Any) -> str:
     """YAML text of the resolved recipe (every field, defaults included)."""
-    return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
+    return yaml.dump(recipe_to_dict(recipe), Dumper=RecipeDumper, sort_keys=False)
 
 
 def save_recipe(recipe: Any, path: str | Path) -> None:

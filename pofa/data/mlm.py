@@ -5,8 +5,12 @@
 - Cache: packed blocks of a map-style corpus are stored as one int32 array on disk (`blocks.npy`), keyed by corpus,
   tokenizer and length, written atomically, so a rerun skips tokenization and a killed run leaves no half cache.
 - Batches: the position in the data is a pure function of the micro-step, so resuming at step k needs no replay.
-- Masking: 15% of the non-special tokens (80% [MASK], 10% random, 10% kept), from a generator seeded by
-  (seed, micro-step, process): deterministic for a seed and independent of how the run was interrupted.
+- Masking: 15% of the tokens that are not special (no id of `tokenizer.all_special_ids`, as transformers'
+  DataCollatorForLanguageModeling) become targets: 80% [MASK], 10% a random ordinary token, 10% kept. Training
+  batches draw from a generator seeded by (seed, micro-step, process): deterministic for a seed and independent of
+  how the run was interrupted.
+- Held-out set: its blocks, batches and masks are a function of (seed, block) only, never of the number of
+  processes, so held-out losses of runs on different hardware compare; each process evaluates a disjoint share.
 """
 
 from __future__ import annotations
@@ -183,27 +187,92 @@ def step_generator(seed: int, micro_step: int, process_index: int, device: torch
     return g
 
 
+def special_token_ids(tokenizer) -> list[int]:
+    """Ids never selected as MLM targets nor drawn as random tokens: `all_special_ids` ([CLS], [SEP], [PAD], [MASK],
+    [UNK], extra special tokens) - what transformers' collator excludes - plus BOS/EOS where they are set apart."""
+    named = (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id, tokenizer.bos_token_id,
+             tokenizer.eos_token_id, tokenizer.mask_token_id, tokenizer.unk_token_id)
+    return sorted({int(i) for i in (*tokenizer.all_special_ids, *named) if i is not None})
+
+
+def random_ordinary_tokens(shape, *, vocab_size: int, special_ids: Sequence[int], generator: torch.Generator,
+                           device: torch.device | str = "cpu") -> torch.Tensor:
+    """Ids drawn uniformly from `range(vocab_size)` without the special ids.
+
+    transformers 5 (`torch.randint(len(tokenizer))`) and Google's BERT draw from the whole vocabulary, specials
+    included; pofa, like fairseq's RoBERTa masking, draws ordinary tokens only, so that a "random" replacement is
+    never a [MASK] (which would raise the [MASK] rate above 80%), [PAD], [SEP] or [CLS] in the middle of a text.
+    """
+    specials = _specials_in(vocab_size, special_ids, device)
+    rank = torch.randint(vocab_size - len(specials), tuple(shape), generator=generator, device=device)
+    return _ordinary_id(rank, specials)
+
+
+def _specials_in(vocab_size: int, special_ids: Sequence[int], device) -> torch.Tensor:
+    return torch.as_tensor(sorted({i for i in special_ids if 0 <= i < vocab_size}), dtype=torch.long, device=device)
+
+
+def _ordinary_id(rank: torch.Tensor, specials: torch.Tensor) -> torch.Tensor:
+    """The `rank`-th id that is not in `specials` (sorted, unique)."""
+    # It is rank + (number of specials at or below it). Below the j-th special (0-based) lie specials[j] - j ordinary
+    # ids, so that number is #{j : specials[j] - j <= rank}: no vocabulary-sized table.
+    return rank + torch.searchsorted(specials - torch.arange(len(specials), device=specials.device), rank, right=True)
+
+
 def mask_tokens(input_ids: torch.Tensor, *, mask_token_id: int, vocab_size: int, special_ids: Sequence[int],
                 mlm_probability: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking: returns (inputs, labels); labels are -100 except at the selected positions.
 
-    Of the non-special positions, each is selected with probability `mlm_probability`; a selected position becomes
-    [MASK] with probability 0.8, a random token with 0.1, and is left unchanged with 0.1.
+    Of the positions whose id is not in `special_ids`, each is selected with probability `mlm_probability`; a
+    selected position becomes [MASK] with probability 0.8, a random ordinary token (`random_ordinary_tokens`) with
+    0.1, and is left unchanged with 0.1. The draws are transformers' collator's, in its order; only the random ids
+    differ (ordinary ones).
     """
-    labels = input_ids.clone()
     special = torch.isin(input_ids, torch.as_tensor(list(special_ids), device=input_ids.device))
     probability = torch.full(input_ids.shape, mlm_probability, device=input_ids.device)
     probability.masked_fill_(special, 0.0)
     selected = torch.bernoulli(probability, generator=generator).bool()
-    labels[~selected] = -100
-    inputs = input_ids.clone()
     replace = torch.bernoulli(torch.full(input_ids.shape, 0.8, device=input_ids.device), generator=generator).bool()
     replace &= selected
-    inputs[replace] = mask_token_id
     # Half of the remaining 20% get a random token: 0.5 of (selected and not replaced).
     randomize = torch.bernoulli(torch.full(input_ids.shape, 0.5, device=input_ids.device), generator=generator).bool()
     randomize &= selected & ~replace
-    random_tokens = torch.randint(vocab_size, input_ids.shape, generator=generator, device=input_ids.device)
+    random_tokens = random_ordinary_tokens(input_ids.shape, vocab_size=vocab_size, special_ids=special_ids,
+                                           generator=generator, device=input_ids.device)
+    return _apply_mask(input_ids, selected, replace, randomize, random_tokens, mask_token_id)
+
+
+def mask_held_out(input_ids: torch.Tensor, blocks: Sequence[int], *, seed: int, mask_token_id: int, vocab_size: int,
+                  special_ids: Sequence[int], mlm_probability: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_tokens` for held-out rows, row i drawn from its own stream seeded by (seed, blocks[i]).
+
+    A block's mask is then a function of (seed, block) alone: not of the batch it lands in, nor of the number of
+    processes. (Per-row numpy streams, the rest batched: `mask_tokens` row by row costs about 3x more.)
+    """
+    if len(blocks) == 0:
+        return input_ids.clone(), torch.full_like(input_ids, -100)
+    length = input_ids.shape[1]
+    specials = _specials_in(vocab_size, special_ids, "cpu")
+    uniforms, ranks = [], []
+    for block in blocks:
+        # spawn_key keeps these streams apart from step_generator's (SeedSequence pads short entropy with zeros)
+        rng = np.random.default_rng(np.random.SeedSequence([seed, int(block)], spawn_key=(1,)))
+        uniforms.append(rng.random((3, length)))
+        ranks.append(rng.integers(vocab_size - len(specials), size=length))
+    u = torch.from_numpy(np.stack(uniforms))
+    special = torch.isin(input_ids, torch.as_tensor(list(special_ids)))
+    selected = (u[:, 0] < mlm_probability) & ~special
+    replace = selected & (u[:, 1] < 0.8)
+    randomize = selected & ~replace & (u[:, 2] < 0.5)
+    random_tokens = _ordinary_id(torch.from_numpy(np.stack(ranks)), specials)
+    return _apply_mask(input_ids, selected, replace, randomize, random_tokens, mask_token_id)
+
+
+def _apply_mask(input_ids, selected, replace, randomize, random_tokens, mask_token_id):
+    labels = input_ids.clone()
+    labels[~selected] = -100
+    inputs = input_ids.clone()
+    inputs[replace] = mask_token_id
     inputs[randomize] = random_tokens[randomize]
     return inputs, labels
 
@@ -221,8 +290,7 @@ class MLMBatcher:
         self.mlm_probability = mlm_probability
         self.mask_token_id = tokenizer.mask_token_id
         self.vocab_size = len(tokenizer)
-        self.special_ids = sorted({i for i in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id,
-                                               tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None})
+        self.special_ids = special_token_ids(tokenizer)
 
     def _masked(self, rows: np.ndarray, generator: torch.Generator) -> dict[str, torch.Tensor]:
         input_ids = torch.from_numpy(np.asarray(self.split.blocks[rows], dtype=np.int64))
@@ -239,25 +307,32 @@ class MLMBatcher:
         return self._masked(rows, step_generator(self.seed, micro_step, self.process_index))
 
     def eval_batches(self, max_batches: int | None = None) -> Iterator[dict[str, torch.Tensor]]:
-        """The held-out blocks, sharded over processes, masked identically at every evaluation.
+        """This process's share of the held-out batches, masked identically at every evaluation.
 
-        Every process yields the same number of batches (DeepSpeed ZeRO-3 and FSDP need every process in every
-        forward): shorter shards are padded with a repeated block whose labels are all -100, so it counts nowhere.
+        The held-out blocks, in order, form batches of `per_device_batch_size` (the first `max_batches` of them when
+        given); each block is masked from a stream seeded by (seed, block) (`mask_held_out`). Batch `b` goes to
+        process `b % num_processes`, so the union over processes is exactly the single-process set, whatever the
+        number of processes: sum the losses and counts, then reduce. Every process yields the same number of batches
+        (DeepSpeed ZeRO-3 and FSDP need every process in every forward): a process short of one gets a padding batch
+        whose labels are all -100, so it counts nowhere (`MaskedLM` gives it a loss of 0, not NaN).
         """
-        indices = self.split.eval_indices[self.process_index :: self.num_processes]
-        shard = -(-len(self.split.eval_indices) // self.num_processes)
-        padding = shard - len(indices)
-        if len(self.split.eval_indices) and padding:
-            indices = np.concatenate([indices, np.repeat(self.split.eval_indices[:1], padding)])
         size = self.per_device_batch_size
-        for number, start in enumerate(range(0, len(indices), size)):
-            if max_batches is not None and number >= max_batches:
-                return
-            rows = indices[start : start + size]
-            batch = self._masked(rows, step_generator(self.seed + 1, number, self.process_index))
-            real = max(0, min(len(rows), shard - padding - start))  # rows of this batch that are not padding
-            batch["labels"][real:] = -100
-            yield batch
+        indices = self.split.eval_indices
+        num_batches = -(-len(indices) // size)
+        if max_batches is not None:
+            num_batches = min(num_batches, max_batches)
+        per_process = -(-num_batches // self.num_processes)
+        for round_ in range(per_process):
+            number = round_ * self.num_processes + self.process_index
+            padding = number >= num_batches
+            rows = indices[(0 if padding else number) * size :][:size]
+            input_ids = torch.from_numpy(np.asarray(self.split.blocks[rows], dtype=np.int64))
+            inputs, labels = mask_held_out(input_ids, rows, seed=self.seed, mask_token_id=self.mask_token_id,
+                                           vocab_size=self.vocab_size, special_ids=self.special_ids,
+                                           mlm_probability=self.mlm_probability)
+            if padding:
+                labels.fill_(-100)
+            yield {"input_ids": inputs, "attention_mask": torch.ones_like(inputs), "labels": labels}
 
     def tokens_per_micro_step(self) -> int:
         return self.per_device_batch_size * self.split.blocks.shape[1]

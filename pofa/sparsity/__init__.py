@@ -3,6 +3,7 @@
 from pofa.sparsity.masks import (
     DEFAULT_TARGETS,
     POOLER_TARGET,
+    MaskChanges,
     MaskFileError,
     MaskStore,
     MaskViolationError,
@@ -14,15 +15,18 @@ from pofa.sparsity.masks import (
     sparsity_report,
 )
 from pofa.sparsity.optim import MaskGuard
+from pofa.sparsity.revival import PrunedValues
 from pofa.sparsity.schedule import cubic_sparsity, is_pruning_step
 
 __all__ = [
     "DEFAULT_TARGETS",
     "POOLER_TARGET",
+    "MaskChanges",
     "MaskFileError",
     "MaskGuard",
     "MaskStore",
     "MaskViolationError",
+    "PrunedValues",
     "bind_masks",
     "check_masks",
     "cubic_sparsity",

@@ -11,6 +11,8 @@ Typical use::
     store = MaskStore.dense(model.named_parameters())          # selects DEFAULT_TARGETS, all kept
     weights = {name: param.detach() for name, param in store.bind(model).items()}
     newly_pruned = store.update(magnitude_masks(weights, 0.9, previous=store))
+    # or, letting pruned weights come back (pofa.sparsity.revival.PrunedValues holds their values):
+    changes = store.update(magnitude_masks(weights, 0.9, previous=store, revive=pruned_values.current_()))
     check_masks(model, store)                                    # after zeroing (see pofa.sparsity.optim.MaskGuard)
     print(format_sparsity_table(sparsity_report(model, store)))
 
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 __all__ = [
     "DEFAULT_TARGETS",
     "POOLER_TARGET",
+    "MaskChanges",
     "MaskFileError",
     "MaskStore",
     "MaskViolationError",
@@ -216,12 +219,17 @@ _PREVIOUSLY_PRUNED = -1
 _KEY_LOW, _KEY_HIGH = _PREVIOUSLY_PRUNED, 2**31 - 1
 
 
-def _scores(weight: Tensor, previous: Tensor | None) -> Tensor:
-    key = weight.detach().to(torch.float32).abs().reshape(-1).view(torch.int32)
-    if previous is not None:
-        # Previously pruned positions rank below every weight, even an exact 0.0, so they are pruned first.
-        key = key.masked_fill(~previous.reshape(-1).to(key.device), _PREVIOUSLY_PRUNED)
-    return key
+def _scores(weight: Tensor, previous: Tensor | None, revive: Tensor | None = None) -> Tensor:
+    magnitude = weight.detach().to(torch.float32).abs().reshape(-1)
+    if previous is None:
+        return magnitude.view(torch.int32)
+    kept = previous.reshape(-1).to(magnitude.device)
+    if revive is not None:
+        # The reparametrised rule: a pruned position competes with the value its hidden original still holds.
+        held = revive.detach().to(device=magnitude.device, dtype=torch.float32).abs().reshape(-1)
+        return torch.where(kept, magnitude, held).view(torch.int32)
+    # Previously pruned positions rank below every weight, even an exact 0.0, so they are pruned first.
+    return magnitude.view(torch.int32).masked_fill(~kept, _PREVIOUSLY_PRUNED)
 
 
 def _kth_smallest(count_at_most: Any, k: int) -> int:
@@ -272,8 +280,24 @@ def _prune_lowest(names: Sequence[str], score_of: Any, prune: int) -> dict[str, 
     return masks
 
 
+def _validate_revive(weights: Mapping[str, Tensor], revive: Mapping[str, Tensor]) -> None:
+    for name, weight in weights.items():
+        if name not in revive:
+            raise ValueError(f"revive has no values for {name!r}")
+        values = revive[name]
+        if not torch.is_floating_point(values) or values.shape != weight.shape:
+            raise ValueError(
+                f"revive[{name!r}] must be a floating-point tensor of shape {tuple(weight.shape)}, "
+                f"got {values.dtype} {tuple(values.shape)}"
+            )
+
+
 def _validate_mask_inputs(
-    weights: Mapping[str, Tensor], sparsity: float, scope: str, previous: Mapping[str, Tensor] | None
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    scope: str,
+    previous: Mapping[str, Tensor] | None,
+    revive: Mapping[str, Tensor] | None = None,
 ) -> None:
     if not weights:
         raise ValueError("weights is empty: nothing to prune")
@@ -294,6 +318,10 @@ def _validate_mask_inputs(
                 f"previous[{name!r}] must be a bool tensor of shape {tuple(weight.shape)}, "
                 f"got {mask.dtype} {tuple(mask.shape)}"
             )
+    if revive is not None:
+        if previous is None:
+            raise ValueError("revive needs previous: the masks whose pruned positions the revive values belong to")
+        _validate_revive(weights, revive)
 
 
 def magnitude_masks(
@@ -302,6 +330,7 @@ def magnitude_masks(
     *,
     scope: Literal["layer", "global"] = "layer",
     previous: Mapping[str, Tensor] | None = None,
+    revive: Mapping[str, Tensor] | None = None,
 ) -> dict[str, Tensor]:
     """Keep-masks (bool, True = kept) that prune the smallest-magnitude weights.
 
@@ -313,11 +342,19 @@ def magnitude_masks(
     give the same masks on every process and device. Scores are computed in float32 whatever the weights' dtype;
     masks are on each weight's device. Memory stays at a few copies of the largest single tensor.
 
+    ``revive`` (needs ``previous``; e.g. :meth:`pofa.sparsity.revival.PrunedValues.current_`) switches to the rule
+    of the Prune-Once-for-All authors' code, where a pruned weight lives on, hidden behind its mask: name -> the
+    values the positions pruned in ``previous`` hold now (read only there). Every position then competes, a kept one
+    by ``|weight|``, a pruned one by ``|revive value|``, so a pruned weight larger than the kept ones around it comes
+    back; the count is exactly ``round(sparsity * numel)`` (layer) or ``round(sparsity * total_numel)`` (global),
+    also below the previous count, and ties are broken as above.
+
     Raises:
-        ValueError: on empty ``weights``, a non-float weight, ``sparsity`` outside [0, 1], an unknown ``scope``, or a
-            ``previous`` mask that is missing, not bool, or shaped differently from its weight.
+        ValueError: on empty ``weights``, a non-float weight, ``sparsity`` outside [0, 1], an unknown ``scope``, a
+            ``previous`` mask that is missing, not bool, or shaped differently from its weight, or ``revive``
+            without ``previous`` or with a missing, non-float or misshaped tensor.
     """
-    _validate_mask_inputs(weights, sparsity, scope, previous)
+    _validate_mask_inputs(weights, sparsity, scope, previous, revive)
     names = list(weights)
     numel = {name: weights[name].numel() for name in names}
 
@@ -325,19 +362,25 @@ def magnitude_masks(
         return None if previous is None else previous[name]
 
     def previously_pruned(name_list: Iterable[str]) -> int:
-        return sum(int((~previous[name]).sum()) for name in name_list) if previous is not None else 0
+        # Only the never-revive rule keeps every previous zero; with revive the count is exact.
+        if previous is None or revive is not None:
+            return 0
+        return sum(int((~previous[name]).sum()) for name in name_list)
+
+    def score_of(name: str) -> Tensor:
+        return _scores(weights[name], previous_of(name), None if revive is None else revive[name])
 
     flat: dict[str, Tensor] = {}
     if scope == "layer":
         for name in names:
-            score = _scores(weights[name], previous_of(name))
+            score = score_of(name)
             prune = max(round(sparsity * numel[name]), previously_pruned([name]))
             flat.update(_prune_lowest([name], lambda _name, s=score: s, prune))
     else:
         # Recomputing the scores per pass keeps memory at one tensor's worth instead of a copy of all weights.
         order = sorted(names)
         prune = max(round(sparsity * sum(numel.values())), previously_pruned(order))
-        flat = _prune_lowest(order, lambda name: _scores(weights[name], previous_of(name)), prune)
+        flat = _prune_lowest(order, score_of, prune)
     return {name: flat[name].reshape(weights[name].shape) for name in names}
 
 
@@ -449,6 +492,36 @@ def _unpack(packed: np.ndarray, shape: Sequence[int], where: str) -> Tensor:
     return torch.from_numpy(bits).reshape(tuple(shape))
 
 
+class MaskChanges(dict[str, Tensor]):
+    """What one :meth:`MaskStore.update` changed, per mask name (bool tensors shaped like the masks).
+
+    The mapping itself holds the newly pruned positions (kept before, pruned now), as ``update`` always returned, so
+    callers that read it as a dict keep working; :attr:`revived` holds the positions kept now that were pruned before
+    (only a ``revive`` rule in :func:`magnitude_masks` produces them).
+    """
+
+    def __init__(self, pruned: Mapping[str, Tensor], revived: Mapping[str, Tensor]) -> None:
+        super().__init__(pruned)
+        self.revived: dict[str, Tensor] = dict(revived)
+
+    @property
+    def pruned(self) -> dict[str, Tensor]:
+        """Newly pruned positions per name (a plain-dict view of this mapping)."""
+        return dict(self)
+
+    def num_pruned(self) -> int:
+        """How many positions were newly pruned, over all names."""
+        return sum(int(where.sum()) for where in self.values())
+
+    def num_revived(self) -> int:
+        """How many positions were revived, over all names."""
+        return sum(int(where.sum()) for where in self.revived.values())
+
+    def touched(self) -> dict[str, Tensor]:
+        """Positions that changed either way (newly pruned or revived), per name: where optimizer state must restart."""
+        return {name: self[name] | self.revived[name] if name in self.revived else self[name] for name in self}
+
+
 class MaskStore:
     """The masks of one run: parameter name -> bool tensor (True = kept).
 
@@ -535,11 +608,12 @@ class MaskStore:
         return f"MaskStore({len(self)} masks, sparsity={self.sparsity():.4f})"
 
     # --- changes ------------------------------------------------------------------------------------------------
-    def update(self, new_masks: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """Replace masks by ``new_masks``; return the newly pruned positions (kept before, pruned now) per name.
+    def update(self, new_masks: Mapping[str, Tensor]) -> MaskChanges:
+        """Replace masks by ``new_masks``; return what changed: the newly pruned positions (kept before, pruned now)
+        per name, as a dict, with the revived positions (pruned before, kept now) in its ``.revived``.
 
-        Existing masks are overwritten in place (same tensor objects, same devices); unknown names are added. A
-        position may be revived by the new mask; it is simply not reported (magnitude_masks never revives).
+        Existing masks are overwritten in place (same tensor objects, same devices); unknown names are added (all
+        their pruned positions count as newly pruned).
 
         Raises:
             ValueError: if a new mask is not bool or its shape differs from the stored mask.
@@ -549,18 +623,20 @@ class MaskStore:
             if name in self._masks and self._masks[name].shape != mask.shape:
                 stored = tuple(self._masks[name].shape)
                 raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, stored {stored}")
-        newly_pruned = {}
+        newly_pruned, revived = {}, {}
         for name, mask in new_masks.items():
             current = self._masks.get(name)
             if current is None:
                 self._masks[name] = mask.detach().clone()
                 newly_pruned[name] = ~self._masks[name]
+                revived[name] = torch.zeros_like(self._masks[name])
             else:
                 mask = mask.to(current.device)
                 newly_pruned[name] = current & ~mask
+                revived[name] = ~current & mask
                 current.copy_(mask)
         self._version += 1
-        return newly_pruned
+        return MaskChanges(newly_pruned, revived)
 
     def to(self, device: torch.device | str) -> MaskStore:
         """Move every mask to ``device`` (in place on the store) and return the store."""

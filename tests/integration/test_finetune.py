@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from pathlib import Path
 
@@ -139,21 +140,54 @@ def test_pairs_qqp_from_local_jsonl_report_accuracy_and_f1(sparse_model_dir, tmp
     assert_same_pattern(sparse_model_dir, result.final_dir)
 
 
-def test_squad_format_json_trains_and_evaluates(sparse_model_dir, tmp_path):
-    contexts = ["the class statement creates a new object type", "a list is a mutable sequence of values"]
+def write_squad_json(path: Path) -> Path:
+    """A small SQuAD v1.1-format file; contexts of different lengths, so that batches hold padded windows."""
+    contexts = ["the class statement creates a new object type", "a list is a mutable sequence of values",
+                "an exception is raised when an error occurs and the method cannot return a value to the caller"]
     paragraphs = []
     for c, context in enumerate(contexts):
         answer = context.split()[-2]
         qas = [{"id": f"{c}-{q}", "question": f"what does the text say {q}",
                 "answers": [{"text": answer, "answer_start": context.index(answer)}]} for q in range(6)]
         paragraphs.append({"context": context, "qas": qas})
-    path = tmp_path / "squad.json"
     path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
-    result = finetune(recipe(sparse_model_dir, tmp_path / "qa", {"train": str(path), "validation": str(path)},
-                             task={"name": "squad", "max_seq_length": 32, "doc_stride": 8},
+    return path
+
+
+@pytest.fixture(scope="module")
+def squad_files(tmp_path_factory) -> dict[str, str]:
+    path = write_squad_json(tmp_path_factory.mktemp("squad") / "squad.json")
+    return {"train": str(path), "validation": str(path)}
+
+
+SQUAD_TASK = {"name": "squad", "max_seq_length": 32, "doc_stride": 8}
+
+
+def test_squad_format_json_trains_and_evaluates(sparse_model_dir, squad_files, tmp_path):
+    result = finetune(recipe(sparse_model_dir, tmp_path / "qa", squad_files, task=SQUAD_TASK,
                              training={"max_steps": 4}))
     assert set(result.metrics) == {"validation/exact_match", "validation/f1"}
     assert 0.0 <= result.metrics["validation/f1"] <= 100.0
+    assert_same_pattern(sparse_model_dir, result.final_dir)
+
+
+@pytest.mark.parametrize("sections", [
+    {},
+    {"training": {"gradient_accumulation_steps": 2, "mixed_precision": "bf16"}},
+    {"quantization": {"enabled": True, "weight_bits": 7}},
+], ids=["plain", "accumulation-bf16", "qat"])
+def test_squad_distillation_from_a_teacher_keeps_the_pattern(sparse_model_dir, tiny_model_dir, squad_files, tmp_path,
+                                                             capsys, sections):
+    """Start and end logits are distilled over each window's positions, padding excluded (`span_kd_loss`)."""
+    sections = {k: dict(v) for k, v in sections.items()}
+    sections.setdefault("training", {}).update(max_steps=2, log_every=1, per_device_batch_size=6)
+    result = finetune(recipe(sparse_model_dir, tmp_path / "qa", squad_files, task=SQUAD_TASK,
+                             distillation={"teacher": str(tiny_model_dir), "hard_weight": 0.0, "soft_weight": 1.0,
+                                           "temperature": 2.0}, **sections))
+    losses = [float(line.split("loss ")[1].split()[0]) for line in capsys.readouterr().out.splitlines()
+              if line.startswith("step ") and " loss " in line]
+    assert len(losses) == 2 and all(math.isfinite(v) and v > 0 for v in losses), losses
+    assert set(result.metrics) == {"validation/exact_match", "validation/f1"}
     assert_same_pattern(sparse_model_dir, result.final_dir)
 
 

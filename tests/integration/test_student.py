@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from pofa.sparsity import DEFAULT_TARGETS, MaskStore, select_targets
 from tests.integration.test_pretrain import tiny_recipe
 from tests.conftest import assert_same_safetensors
+from tests.integration.test_finetune import sentiment_files  # noqa: F401 (a fixture)
 
 STUDENT = {
     "stage": "student",
@@ -50,12 +51,15 @@ def test_student_reaches_exact_layer_sparsity_and_saves_masks(tiny_model_dir, tm
     assert not any("embeddings" in n or n.startswith("cls.") for n in masks.names())
 
 
+@pytest.mark.parametrize("pruning", [{}, {"pooler": True, "revive": True, "lr_rewind": True}],
+                         ids=["monotone", "paper"])
 def test_killed_mid_pruning_and_resumed_equals_straight_run(tiny_model_dir, tmp_path, cache_dir,
-                                                            kill_after_checkpoint):
+                                                            kill_after_checkpoint, pruning):
+    """Also with revival (its stored values and decay are in the checkpoint) and the rewinding schedule."""
     from pofa.pretrain import train
 
-    straight = train(student_recipe(tiny_model_dir, tmp_path / "a", cache_dir))
-    recipe = student_recipe(tiny_model_dir, tmp_path / "b", cache_dir)
+    straight = train(student_recipe(tiny_model_dir, tmp_path / "a", cache_dir, pruning=pruning))
+    recipe = student_recipe(tiny_model_dir, tmp_path / "b", cache_dir, pruning=pruning)
     with pytest.raises(kill_after_checkpoint(5)):  # mid-ramp: sparsity between 0 and the target, masks changing
         train(recipe)
     saved_masks = MaskStore.load(tmp_path / "b" / "checkpoints" / "step-00000005" / "masks.safetensors")
@@ -79,3 +83,50 @@ def test_distillation_positions_and_gradient_accumulation(tiny_model_dir, tmp_pa
     weights = load_file(result.final_dir / "model.safetensors")
     name = "bert.encoder.layer.1.intermediate.dense.weight"
     assert (weights[name] == 0).float().mean().item() == pytest.approx(0.8, abs=1e-3)
+
+
+PAPER_PRUNING = {"pooler": True, "revive": True, "lr_rewind": True}
+
+
+def test_the_paper_settings_prune_the_pooler_and_fine_tuning_keeps_it(tiny_model_dir, tmp_path, cache_dir,
+                                                                       sentiment_files):
+    """pooler / revive / lr_rewind as the paper recipes set them: the pooler is pruned with the encoder, the masks
+    hold at the end, and sparse transfer locks the pooler too (a QA head has none: its mask is left out)."""
+    from pofa.finetune import finetune
+    from pofa.pretrain import train
+    from tests.integration.test_finetune import SQUAD_TASK, recipe as finetune_recipe, write_squad_json
+
+    result = train(student_recipe(tiny_model_dir, tmp_path / "s", cache_dir, pruning=PAPER_PRUNING))
+    weights = load_file(result.final_dir / "model.safetensors")
+    pooler = "bert.pooler.dense.weight"
+    assert pooler in MaskStore.load(result.final_dir / "masks.safetensors").names()
+    assert (weights[pooler] == 0).sum().item() == round(0.8 * weights[pooler].numel())
+
+    classified = finetune(finetune_recipe(result.final_dir, tmp_path / "cls", sentiment_files,
+                                          training={"max_steps": 2}))
+    after = load_file(classified.final_dir / "model.safetensors")
+    assert torch.equal(after[pooler] == 0, weights[pooler] == 0)
+
+    squad = str(write_squad_json(tmp_path / "squad.json"))
+    answered = finetune(finetune_recipe(result.final_dir, tmp_path / "qa", {"train": squad, "validation": squad},
+                                        task=SQUAD_TASK, training={"max_steps": 2, "per_device_batch_size": 4}))
+    assert pooler not in MaskStore.load(answered.final_dir / "masks.safetensors").names()
+    assert answered.sparsity == pytest.approx(0.8, abs=1e-3)
+
+
+def test_pooler_pruning_needs_a_pooler(tmp_path, cache_dir, tiny_tokenizer_dir):
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForMaskedLM
+
+    from pofa.pretrain import main
+
+    folder = tmp_path / "distil"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    DistilBertForMaskedLM(DistilBertConfig(vocab_size=len(tokenizer), dim=32, n_layers=1, n_heads=2,
+                                           hidden_dim=64)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    recipe = student_recipe(folder, tmp_path / "out", cache_dir, pruning=PAPER_PRUNING)
+    from pofa.recipe import save_recipe
+
+    save_recipe(recipe, tmp_path / "r.yaml")
+    assert main(["--recipe", str(tmp_path / "r.yaml")]) == 2
+    assert not (tmp_path / "out").exists()  # refused before anything was written

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pofa.distill import distillation_loss, hidden_state_loss, kd_loss
+from pofa.distill import distillation_loss, hidden_state_loss, kd_loss, span_kd_loss
 
 
 def softmax(values, temperature):
@@ -152,3 +152,70 @@ def test_hidden_state_loss():
     assert hidden_state_loss(student.half(), teacher.half()).dtype == torch.float32
     with pytest.raises(ValueError, match="shape"):
         hidden_state_loss(student, teacher[:, :2])
+
+
+# --- span_kd_loss: extractive QA, a distribution over the positions of each example --------------------------------
+
+SPAN_STUDENT = [[1.0, 2.0, 0.5, 9.0], [0.0, -1.0, 3.0, 1.5]]
+SPAN_TEACHER = [[2.0, 0.0, 1.0, -7.0], [0.5, 0.5, 2.0, 1.0]]
+SPAN_VALID = [[True, True, True, False], [True, True, True, True]]  # example 0 has one padded position
+
+
+def test_span_kd_loss_matches_hand_computation_over_valid_positions():
+    valid = torch.tensor(SPAN_VALID)
+    loss = span_kd_loss(torch.tensor(SPAN_STUDENT), torch.tensor(SPAN_TEACHER), temperature=2.0, valid=valid)
+    # By hand: drop the padded position, then one softmax over the remaining positions of each example.
+    students = [[v for v, ok in zip(row, oks) if ok] for row, oks in zip(SPAN_STUDENT, SPAN_VALID)]
+    teachers = [[v for v, ok in zip(row, oks) if ok] for row, oks in zip(SPAN_TEACHER, SPAN_VALID)]
+    assert loss.dtype == torch.float32 and loss.dim() == 0
+    assert loss.item() == pytest.approx(hand_kd(students, teachers, 2.0), rel=1e-5)
+
+
+def test_span_kd_loss_ignores_logits_at_padded_positions():
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(3, 10, generator=generator), torch.randn(3, 10, generator=generator)
+    valid = torch.arange(10) < torch.tensor([[10], [6], [2]])  # padded tails of 0, 4 and 8 positions
+    loss = span_kd_loss(student, teacher, temperature=2.0, valid=valid)
+    for fill in (1e4, -1e4, float("inf"), float("nan")):
+        s, t = student.clone(), teacher.clone()
+        s[~valid], t[~valid] = fill, -fill
+        assert span_kd_loss(s, t, temperature=2.0, valid=valid).item() == pytest.approx(loss.item(), rel=1e-6)
+
+
+def test_span_kd_loss_is_zero_for_identical_logits_and_bf16_is_float32():
+    logits = torch.randn(4, 12, generator=torch.Generator().manual_seed(6))
+    valid = torch.arange(12) < torch.tensor([[12], [7], [1], [3]])
+    assert span_kd_loss(logits, logits.clone(), temperature=2.0, valid=valid).item() == pytest.approx(0.0, abs=1e-6)
+    low = span_kd_loss(logits.bfloat16(), logits.flip(0).bfloat16(), temperature=2.0, valid=valid)
+    assert low.dtype == torch.float32 and torch.isfinite(low)
+
+
+def test_span_kd_loss_gradient_is_finite_and_zero_at_padding():
+    generator = torch.Generator().manual_seed(7)
+    student = torch.randn(3, 8, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 8, generator=generator, requires_grad=True)
+    valid = torch.arange(8) < torch.tensor([[8], [3], [0]])  # the last example is entirely padding
+    loss = span_kd_loss(student, teacher, temperature=2.0, valid=valid)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(student.grad).all()
+    assert not student.grad[~valid].any() and student.grad[valid].abs().sum() > 0
+    assert teacher.grad is None
+    # The empty example is not counted in the mean: same loss as the two others alone.
+    alone = span_kd_loss(student[:2], teacher[:2], temperature=2.0, valid=valid[:2])
+    assert loss.item() == pytest.approx(alone.item(), rel=1e-6)
+    nothing = span_kd_loss(student, teacher, temperature=2.0, valid=torch.zeros_like(valid))
+    assert nothing.item() == 0.0 and nothing.requires_grad
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    (dict(temperature=0.0), "temperature"),
+    (dict(teacher=torch.zeros(2, 4)), "shape"),
+    (dict(valid=torch.ones(2, 5)), "bool"),
+    (dict(valid=torch.ones(2, dtype=torch.bool)), "valid"),
+])
+def test_span_kd_loss_validation(kwargs, match):
+    arguments = dict(student=torch.zeros(2, 5), teacher=torch.zeros(2, 5), temperature=1.0,
+                     valid=torch.ones(2, 5, dtype=torch.bool))
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        span_kd_loss(arguments.pop("student"), arguments.pop("teacher"), **arguments)

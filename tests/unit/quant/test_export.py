@@ -186,3 +186,188 @@ def test_distilbert_int8_export(tmp_path):
     batches = parity_batches(2)  # they carry token_type_ids, which DistilBERT does not take: export drops them
     path = export_onnx(model.eval(), batches[0], tmp_path / "d.onnx", int8=True, parity_batches=batches)
     assert [i.name for i in onnx_session(path).get_inputs()] == ["input_ids", "attention_mask"]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# `pofa export`: one file name, parity on real rows only
+# --------------------------------------------------------------------------------------------------------------------
+
+SENTENCES = [
+    "the class statement creates a new object type", "a list is a mutable sequence of values",
+    "an exception is raised when an error occurs", "the function returns none when it has no return statement",
+    "strings are immutable sequences of unicode code points", "the module is imported once per interpreter",
+    "a dictionary maps keys to values", "the loop ends when the iterator is exhausted",
+]
+
+
+def _validation_sentences(n: int = 40) -> list[str]:
+    return [f"{SENTENCES[i % len(SENTENCES)]} {SENTENCES[(3 * i + 1) % len(SENTENCES)]}" for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def finetuned_folder(tmp_path_factory, tiny_tokenizer_dir):
+    """A tiny classifier folder as `pofa finetune` leaves it: weights, tokenizer, and a recipe naming sst2 on local
+    CSV files (its train file and its validation file, 40 rows)."""
+    import csv
+
+    from transformers import AutoTokenizer
+
+    from pofa.artifacts import RECIPE_FILE
+    from pofa.recipe import FinetuneRecipe, recipe_from_dict, save_recipe
+
+    root = tmp_path_factory.mktemp("finetuned")
+    files = {}
+    for split, sentences in (("train", SENTENCES), ("validation", _validation_sentences())):
+        files[split] = str(root / f"{split}.csv")
+        with open(files[split], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            writer.writerows((s, i % 2) for i, s in enumerate(sentences))
+    folder = root / "final"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    torch.manual_seed(0)
+    BertForSequenceClassification(BertConfig(**(TINY | {"vocab_size": len(tokenizer)}))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    save_recipe(recipe_from_dict(FinetuneRecipe, {
+        "model": {"name_or_path": "google-bert/bert-base-uncased"},
+        "task": {"name": "sst2", "data_files": files, "max_seq_length": 32},
+    }), folder / RECIPE_FILE)
+    return folder
+
+
+@pytest.fixture
+def parity_calls(monkeypatch):
+    """The batches every parity check of `pofa export` ran on."""
+    import pofa.quant
+
+    calls = []
+    original = pofa.quant.require_onnx_parity
+
+    def spy(model, path, batches, **kwargs):
+        batches = list(batches)
+        calls.append(batches)
+        return original(model, path, batches, **kwargs)
+
+    monkeypatch.setattr(pofa.quant, "require_onnx_parity", spy)
+    return calls
+
+
+def _copy(folder, tmp_path, name="model"):
+    import shutil
+
+    return shutil.copytree(folder, tmp_path / name)
+
+
+def _pofa(*argv):
+    from pofa.cli import main
+
+    return main(["export", *map(str, argv)])
+
+
+def _quantized(path) -> bool:
+    return any(node.op_type == "QuantizeLinear" for node in onnx.load(str(path)).graph.node)
+
+
+def test_export_checks_parity_on_the_task_s_evaluation_rows(finetuned_folder, tmp_path, parity_calls, capsys):
+    from transformers import AutoTokenizer
+
+    from pofa.artifacts import ONNX_FILE
+
+    folder = _copy(finetuned_folder, tmp_path)
+    assert _pofa(folder) == 0
+    out = capsys.readouterr().out
+    assert f"wrote {folder / ONNX_FILE}" in out and "float" in out
+    assert "task sst2 split validation" in out and "over 40 predictions" in out
+    assert not _quantized(folder / ONNX_FILE)
+    (batches,) = parity_calls
+    assert sum(len(b["input_ids"]) for b in batches) == 40
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    expected = tokenizer(_validation_sentences()[:32], truncation=True, max_length=32, padding=True,
+                         return_tensors="pt")
+    assert torch.equal(batches[0]["input_ids"], expected["input_ids"])  # the real rows, tokenized as fine-tuning
+
+
+def test_export_of_a_qat_folder_writes_the_int8_graph_under_the_one_name(finetuned_folder, tmp_path, parity_calls,
+                                                                          capsys):
+    from pofa.artifacts import COMPACT_FILE, ONNX_FILE, RECIPE_FILE
+    from pofa.compact import save_compact
+    from pofa.quant.qat import freeze_observers_
+
+    folder = _copy(finetuned_folder, tmp_path)
+    torch.manual_seed(0)
+    model = BertForSequenceClassification.from_pretrained(folder)
+    prepare_qat_(model, QATConfig(weight_bits=7))
+    model.train()
+    with torch.no_grad():
+        for i in range(4):
+            g = torch.Generator().manual_seed(i)
+            model(input_ids=torch.randint(5, model.config.vocab_size, (8, 16), generator=g))
+    freeze_observers_(model)
+    save_compact(model.eval(), folder / COMPACT_FILE)
+    recipe = (folder / RECIPE_FILE).read_text().replace("quantization:\n  enabled: false",
+                                                        "quantization:\n  enabled: true")
+    (folder / RECIPE_FILE).write_text(recipe)
+    assert _pofa(folder) == 0  # int8 without --int8: the folder was trained with QAT
+    assert _quantized(folder / ONNX_FILE) and "int8" in capsys.readouterr().out
+    assert not (folder / "model.int8.onnx").exists()
+    assert _pofa(folder, "--float", "--output", tmp_path / "float.onnx") == 0
+    assert not _quantized(tmp_path / "float.onnx")
+    assert [sum(len(b["input_ids"]) for b in call) for call in parity_calls] == [40, 40]
+
+
+def test_export_checks_parity_on_rows_the_user_gives(finetuned_folder, tiny_model_dir, tmp_path, parity_calls,
+                                                     capsys):
+    import csv
+
+    lines = tmp_path / "rows.txt"
+    lines.write_text("\n".join(SENTENCES[:5]) + "\n\n")
+    mlm = _copy(tiny_model_dir, tmp_path, "mlm")  # no recipe.yaml: nothing else to check on
+    assert _pofa(mlm, "--rows", lines) == 0
+    assert f"5 rows of {lines}" in capsys.readouterr().out
+    table = tmp_path / "rows.csv"
+    with open(table, "w", newline="") as f:
+        csv.writer(f).writerows([["sentence", "label"], *[[s, 0] for s in SENTENCES[:3]]])
+    folder = _copy(finetuned_folder, tmp_path)
+    assert _pofa(folder, "--rows", table) == 0
+    assert f"3 rows of {table}" in capsys.readouterr().out
+    assert [sum(len(b["input_ids"]) for b in call) for call in parity_calls] == [5, 3]
+    table.write_text("text\nno sentence column here\n")
+    assert _pofa(folder, "--rows", table) == 2
+    assert "needs the column(s) sentence" in capsys.readouterr().err
+
+
+def test_export_checks_a_pre_trained_model_on_held_out_text(tiny_model_dir, tmp_path, parity_calls, capsys):
+    from pofa.artifacts import RECIPE_FILE
+    from pofa.recipe import PretrainRecipe, recipe_from_dict, save_recipe
+
+    folder = _copy(tiny_model_dir, tmp_path)
+    save_recipe(recipe_from_dict(PretrainRecipe, {
+        "model": {"name_or_path": "embedded:minilm"},
+        "data": {"max_seq_length": 32, "max_eval_blocks": 12, "cache_dir": str(tmp_path / "cache")},
+    }), folder / RECIPE_FILE)
+    assert _pofa(folder) == 0
+    assert "12 held-out blocks of embedded:python-docs" in capsys.readouterr().out
+    (batches,) = parity_calls
+    assert sum(len(b["input_ids"]) for b in batches) == 12 and batches[0]["input_ids"].shape[1] == 32
+
+
+def test_export_without_real_rows_fails_naming_the_flag(finetuned_folder, tiny_model_dir, tmp_path, capsys):
+    from pofa.artifacts import ONNX_FILE, RECIPE_FILE
+    from pofa.recipe import PretrainRecipe, recipe_from_dict, save_recipe
+
+    mlm = _copy(tiny_model_dir, tmp_path, "mlm")
+    assert _pofa(mlm) == 2
+    err = capsys.readouterr().err
+    assert "has no recipe.yaml" in err and "Pass --rows FILE" in err
+    save_recipe(recipe_from_dict(PretrainRecipe, {"data": {"sources": [{"hub": "wikimedia/wikipedia"}]}}),
+                mlm / RECIPE_FILE)
+    assert _pofa(mlm) == 2
+    err = capsys.readouterr().err
+    assert "corpus comes from the Hub" in err and "Pass --rows FILE" in err
+    folder = _copy(finetuned_folder, tmp_path)
+    recipe = (folder / RECIPE_FILE).read_text()
+    (folder / RECIPE_FILE).write_text(recipe.replace("validation.csv", "moved-away.csv"))
+    assert _pofa(folder) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the evaluation rows of task 'sst2'" in err and "Pass --rows FILE" in err
+    assert not (mlm / ONNX_FILE).exists() and not (folder / ONNX_FILE).exists()

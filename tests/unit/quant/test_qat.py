@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
@@ -19,6 +22,8 @@ from pofa.quant import (
     qat_step_,
 )
 from pofa.quant.qat import (
+    _ActivationQDQ,
+    _activation_qparams_tensors,
     activation_qparams,
     fake_quantize_activation,
     fake_quantize_weight,
@@ -254,3 +259,221 @@ def test_freeze_observers_freezes_all():
     model = prepare_qat_(tiny_classifier(), QATConfig())
     freeze_observers_(model)
     assert all(bool(m.observer_frozen) for m in model.modules() if isinstance(m, FakeQuantLinear))
+    assert all(m.frozen for m in model.modules() if isinstance(m, FakeQuantLinear))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# No host read in the training step; observer flags as Python state; the same numbers as before
+# --------------------------------------------------------------------------------------------------------------
+
+# Every way a tensor's value reaches Python; each is a device -> host sync on a GPU.
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+
+@contextmanager
+def no_host_reads(reads: list[str]):
+    """Within the block, reading a tensor's value on the host raises, and is recorded in ``reads`` (in case
+    something catches the error)."""
+
+    def refuse(name):
+        def read(self, *args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f"Tensor.{name}: a host read of a tensor inside the QAT training step")
+        return read
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name in _HOST_READS:
+            patch.setattr(torch.Tensor, name, refuse(name))
+        yield
+
+
+def guard_forwards(modules, reads: list[str]) -> None:
+    """Make each module's forward run under :func:`no_host_reads` (transformers' own code around it may read)."""
+    for module in modules:
+        def forward(*args, _forward=module.forward, **kwargs):
+            with no_host_reads(reads):
+                return _forward(*args, **kwargs)
+        module.forward = forward
+
+
+def test_the_host_read_guard_catches_reads():
+    reads = []
+    t = torch.ones(())
+    with no_host_reads(reads):
+        for read in (bool, float, int, lambda v: v.item(), lambda v: v.tolist(), lambda v: [0, 1][v.long()]):
+            with pytest.raises(AssertionError, match="host read"):
+                read(t)
+    assert len(reads) == 6
+    assert bool(t) and float(t) == 1.0  # restored
+
+
+def test_fake_quant_modules_do_not_read_tensors_on_the_host_in_training():
+    torch.manual_seed(0)
+    linear = FakeQuantLinear(nn.Linear(8, 4), QATConfig()).train()
+    embedding = FakeQuantEmbedding(nn.Embedding(10, 8), QATConfig(quantize_embeddings=True)).train()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    reads = []
+    for _ in range(3):  # the very first batch (observer empty), then with an observed range, then frozen
+        with no_host_reads(reads):
+            x = embedding(ids)
+            linear(x).sum().backward()
+            frozen = qat_step_(linear, step=2, config=QATConfig(freeze_observers_after_step=2))
+    assert reads == []
+    assert linear.initialized and linear.frozen and frozen
+    assert linear.weight.grad is not None and embedding.weight.grad is not None
+    linear.eval()
+    with no_host_reads(reads), torch.no_grad():
+        linear(embedding(ids))  # evaluation (and the parity check) too
+    assert reads == []
+
+
+def test_a_qat_bert_training_step_does_not_read_tensors_on_the_host():
+    config = QATConfig(freeze_observers_after_step=2, quantize_embeddings=True)
+    model = prepare_qat_(tiny_classifier(), config).train()
+    modules = qat_modules(model)
+    assert any(isinstance(m, FakeQuantEmbedding) for m in modules.values())
+    reads = []
+    guard_forwards(modules.values(), reads)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    for step in range(1, 4):
+        loss = model(**random_batch(seed=step)).loss
+        with no_host_reads(reads):
+            loss.backward()  # our autograd Functions' backward runs Python
+        optimizer.step()
+        optimizer.zero_grad()
+        with no_host_reads(reads):
+            qat_step_(model, step, config)
+    assert reads == []
+    assert all(m.initialized and m.frozen for m in modules.values() if isinstance(m, FakeQuantLinear))
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_observer_flags_follow_the_state_dict(frozen):
+    config = QATConfig(freeze_observers_after_step=1 if frozen else None)
+    model = prepare_qat_(tiny_classifier(), config).train()
+    with torch.no_grad():
+        model(**random_batch())
+    assert qat_step_(model, 1, config) == frozen
+    resumed = prepare_qat_(tiny_classifier(seed=1), config).train()
+    assert not any(m.initialized or m.frozen for m in qat_modules(resumed).values())
+    resumed.load_state_dict(model.state_dict())
+    for name, module in qat_modules(resumed).items():
+        assert (module.initialized, module.frozen) == (True, frozen), name
+        assert (bool(module.observer_initialized), bool(module.observer_frozen)) == (True, frozen), name
+    # Resume is exact: the next step observes (EMA, or not at all when frozen) and quantizes as the original would.
+    with torch.no_grad():
+        torch.manual_seed(2)  # the same dropout
+        expected = model(**random_batch(seed=2))
+        torch.manual_seed(2)
+        got = resumed(**random_batch(seed=2))
+    assert torch.equal(expected.logits, got.logits)
+    originals = qat_modules(model)
+    for name, module in qat_modules(resumed).items():
+        original = originals[name]
+        assert torch.equal(module.act_min, original.act_min) and torch.equal(module.act_max, original.act_max)
+    # Loading an unobserved state resets the flags too.
+    resumed.load_state_dict(prepare_qat_(tiny_classifier(), config).state_dict())
+    assert not any(m.initialized or m.frozen for m in qat_modules(resumed).values())
+
+
+def test_accelerate_load_state_restores_the_observer_flags(tmp_path):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    config = QATConfig(freeze_observers_after_step=1)
+    model = prepare_qat_(tiny_classifier(), config).train()
+    with torch.no_grad():
+        model(**random_batch())
+    qat_step_(model, 1, config)
+    accelerator = Accelerator(cpu=True)
+    try:
+        model = accelerator.prepare(model)
+        accelerator.save_state(str(tmp_path / "ckpt"))
+        model.load_state_dict(prepare_qat_(tiny_classifier(), config).state_dict())  # as a fresh start
+        assert not any(m.initialized or m.frozen for m in qat_modules(model).values())
+        accelerator.load_state(str(tmp_path / "ckpt"))
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+    assert all(m.initialized and m.frozen for m in qat_modules(model).values())
+
+
+def reference_activation_fake_quant(x, min_val, max_val, bits):
+    """The activation fake-quant as it was computed before its scale stayed on the device (a copy of the old code):
+    Python scale and zero-point, and the mask of the clipped straight-through estimator."""
+    qmax = 2**bits - 1
+    lo = torch.clamp(min_val.detach().float(), max=0.0)
+    hi = torch.clamp(max_val.detach().float(), min=0.0)
+    scale = (hi - lo) / qmax
+    if not bool(torch.isfinite(scale)) or float(scale) <= 0.0:
+        scale, zero_point = 1.0, 0
+    else:
+        zero_point = int(torch.clamp(torch.round(-lo / scale), 0, qmax))
+        scale = float(scale)
+    unclamped = torch.round(x / scale) + zero_point
+    inside = (unclamped >= 0) & (unclamped <= qmax)
+    return (torch.clamp(unclamped, 0, qmax) - zero_point) * scale, inside
+
+
+def _batches(case: str) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+
+    def randn(scale: float = 1.0) -> torch.Tensor:
+        return torch.randn(6, 8, generator=g) * scale
+
+    def with_value(value: float) -> torch.Tensor:
+        x = randn()
+        x[2, 3] = value
+        return x
+
+    return {
+        "mixed": [randn(2.0) + 0.5, randn(), randn(20.0)],  # the last batch is mostly clipped
+        "positive": [randn().abs() + 0.1, randn()],  # zero-point 0; negatives clipped
+        "negative": [-randn().abs() - 0.1, randn()],  # zero-point qmax
+        "all zero": [torch.zeros(6, 8), torch.zeros(6, 8), randn()],  # min == max == 0: scale 1, zero-point 0
+        "infinite": [with_value(float("inf")), randn(3.0)],  # a non-finite range: scale 1, zero-point 0
+        "nan": [with_value(float("nan")), randn()],
+    }[case]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("case", ["mixed", "positive", "negative", "all zero", "infinite", "nan"])
+def test_activation_fake_quant_matches_the_previous_host_formula(case, bits):
+    torch.manual_seed(0)
+    module = FakeQuantLinear(nn.Linear(8, 5), QATConfig(activation_bits=bits)).train()
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    for i, batch in enumerate(_batches(case)):
+        if i == 2:
+            freeze_observers_(module)
+        x = batch.clone().requires_grad_()
+        y = module(x)
+        grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(i))
+        y.backward(grad_y)
+        # Reference: the old arithmetic from the observer state this forward used, then the same weight path.
+        xq, inside = reference_activation_fake_quant(batch, module.act_min, module.act_max, bits)
+        xq.requires_grad_()
+        w = fake_quantize_weight(module.weight.detach(), module.weight_scale(), module.config.weight_bits)
+        expected = F.linear(xq, w, module.bias.detach())
+        expected.backward(grad_y)
+        torch.testing.assert_close(y, expected, **exact)
+        torch.testing.assert_close(x.grad, xq.grad * inside, **exact)  # the old backward: grad * inside
+        scale, zero_point = _activation_qparams_tensors(module.act_min, module.act_max, bits)
+        assert (scale.dtype, zero_point.dtype, scale.dim()) == (torch.float32, torch.float32, 0)
+    module.eval()
+    with torch.no_grad():
+        batch = _batches(case)[0]
+        xq, _ = reference_activation_fake_quant(batch, module.act_min, module.act_max, bits)
+        torch.testing.assert_close(module(batch), F.linear(xq, w, module.bias), **exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_reduced_precision_activations_are_fake_quantized_in_float32(dtype):
+    x = torch.randn(64, 16) * 3
+    scale, zero_point = _activation_qparams_tensors(x.min(), x.max(), 8)
+    low = x.to(dtype).requires_grad_()
+    y = _ActivationQDQ.apply(low, scale, zero_point, 8)
+    expected, inside = reference_activation_fake_quant(low.detach().float(), x.min(), x.max(), 8)
+    assert y.dtype == dtype
+    assert torch.equal(y, expected.to(dtype))
+    y.backward(torch.ones_like(y))
+    assert torch.equal(low.grad, inside.to(dtype))
