@@ -104,11 +104,11 @@ def distillation_loss(
     soft_weight: float,
     temperature: float,
     mask: Tensor | None = None,
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, dict[str, Tensor]]:
     """``hard_weight * hard_loss + soft_weight * kd_loss(...)`` and its parts for logging.
 
-    Returns ``(total, {"loss": total, "hard_loss": ..., "kd_loss": ...})`` with plain floats in the dict (reading
-    them synchronises with the device once per call).
+    Returns ``(total, {"loss": total, "hard_loss": ..., "kd_loss": ...})``, the parts detached float32 tensors on the
+    device: nothing here waits for the device (a training step must not); a logger converts them when it logs.
 
     Raises:
         ValueError: if a weight is negative or both are zero, ``hard_loss`` is not a scalar, or as :func:`kd_loss`.
@@ -122,8 +122,8 @@ def distillation_loss(
         raise ValueError("hard_weight and soft_weight are both 0: the loss would be constant")
     soft = kd_loss(student_logits, teacher_logits, temperature=temperature, mask=mask)
     total = hard_weight * hard_loss.float() + soft_weight * soft
-    parts = torch.stack([total.detach(), hard_loss.detach().float(), soft.detach()]).tolist()
-    return total, dict(zip(("loss", "hard_loss", "kd_loss"), parts))
+    parts = {"loss": total.detach(), "hard_loss": hard_loss.detach().float(), "kd_loss": soft.detach()}
+    return total, parts
 
 
 def hidden_state_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None) -> Tensor:

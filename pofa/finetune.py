@@ -9,9 +9,10 @@ The loop is the pre-training loop's shape with a task head:
     guard  <- MaskGuard(model, masks)                                  gradient hooks: pruned gradients are zero
     [prepare_qat_(model)]                                              fake int8 on the encoder Linears (QAT)
     for step in range(max_steps):
-        loss <- task loss [+ kd_loss(student, dense fine-tuned teacher)]
+        loss <- task loss [+ kd_loss | span_kd_loss (QA) from a dense fine-tuned teacher]    (pofa.distill)
         backward, clip, AdamW step                                     pruned weights stay exactly zero
-    check_masks; evaluate; save final/ (model, masks, sparsity.json, eval_results.json, compact, ONNX)
+        log / evaluate / checkpoint                                    pofa.stage (shared with pre-training)
+    check_masks, same zero pattern; save final/ (model, masks, sparsity.json, eval_results.json, compact, ONNX)
 
 With `sparsity.masks: none` the same script fine-tunes a dense model, e.g. the teacher for distillation.
 """

@@ -170,12 +170,13 @@ def mlm_loss(student, teacher, batch, distill_mask, distillation) -> torch.Tenso
     loss, logits, _ = student(**batch, distill_mask=distill_mask)
     if teacher is None:
         return loss
-    from pofa.distill import kd_loss
+    from pofa.distill import distillation_loss
 
     with torch.no_grad():
         _, teacher_logits, _ = teacher(**batch, distill_mask=distill_mask)
-    soft = kd_loss(logits, teacher_logits, temperature=distillation.temperature)
-    return distillation.hard_weight * loss + distillation.soft_weight * soft
+    loss, _ = distillation_loss(loss, logits, teacher_logits, hard_weight=distillation.hard_weight,
+                                soft_weight=distillation.soft_weight, temperature=distillation.temperature)
+    return loss
 
 
 def make_batcher(recipe: PretrainRecipe, tokenizer, run: Stage) -> MLMBatcher:

@@ -35,7 +35,7 @@ import yaml
 from safetensors.torch import load_file
 
 from pofa.recipe import FinetuneRecipe, PretrainRecipe, load_recipe, recipe_class_for
-from pofa.sparsity import DEFAULT_TARGETS, MaskStore, magnitude_masks, select_targets
+from pofa.sparsity import DEFAULT_TARGETS, POOLER_TARGET, MaskStore, magnitude_masks, select_targets
 
 pytestmark = pytest.mark.slow
 
@@ -76,13 +76,16 @@ def build_tiny_mlm(folder: Path, tokenizer_dir: Path, kind: str) -> Path:
 
 
 def build_sparse(dense: Path, folder: Path, *, mask_file: bool) -> Path:
-    """`dense` with SPARSITY of every encoder Linear weight zeroed by magnitude (and its masks.safetensors)."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    """`dense` with SPARSITY of every encoder Linear weight and of the pooler zeroed by magnitude, as the authors
+    pruned (and as `pruning.pooler` does), and its masks.safetensors."""
+    from transformers import AutoTokenizer
 
-    model = AutoModelForMaskedLM.from_pretrained(dense)
+    from pofa.modeling import load_mlm_model
+
+    model = load_mlm_model(str(dense), keep_pooler=True)  # a pooler for the families that have one
     params = dict(model.named_parameters())
-    masks = magnitude_masks({n: params[n].detach() for n in select_targets(params.items(), DEFAULT_TARGETS)},
-                            SPARSITY)
+    targets = select_targets(params.items(), [*DEFAULT_TARGETS, POOLER_TARGET])
+    masks = magnitude_masks({n: params[n].detach() for n in targets}, SPARSITY)
     with torch.no_grad():
         for name, mask in masks.items():
             params[name].mul_(mask)

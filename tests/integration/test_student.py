@@ -130,3 +130,19 @@ def test_pooler_pruning_needs_a_pooler(tmp_path, cache_dir, tiny_tokenizer_dir):
     save_recipe(recipe, tmp_path / "r.yaml")
     assert main(["--recipe", str(tmp_path / "r.yaml")]) == 2
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_masks_are_fixed_after_the_last_pruning_step_even_with_revival(tiny_model_dir, tmp_path, cache_dir, capsys):
+    """Events at 0, 2, ..., 8 (end_pruning_step 9); the checkpoint at step 10 and the final model (step 12) have the
+    same masks, and no event is logged after step 8."""
+    from pofa.pretrain import train
+
+    result = train(student_recipe(tiny_model_dir, tmp_path / "s", cache_dir,
+                                  pruning={**PAPER_PRUNING, "end_pruning_step": 9},
+                                  training={"save_every": 10}))
+    events = [int(line.split(":")[0].split()[1]) for line in capsys.readouterr().out.splitlines()
+              if "pruning event" in line]
+    assert events == [0, 2, 4, 6, 8]
+    at_10 = MaskStore.load(tmp_path / "s" / "checkpoints" / "step-00000010" / "masks.safetensors")
+    final = MaskStore.load(result.final_dir / "masks.safetensors")
+    assert all(torch.equal(at_10[name], final[name]) for name in final.names())
