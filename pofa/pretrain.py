@@ -180,15 +180,21 @@ def mlm_loss(student, teacher, batch, distill_mask, distillation) -> torch.Tenso
 
 
 def make_batcher(recipe: PretrainRecipe, tokenizer, run: Stage) -> MLMBatcher:
-    """Packed, cached blocks for map-style corpora; on-the-fly blocks when a source is streamed."""
+    """Packed, cached blocks for map-style corpora (tokenized by `data.preprocessing_workers` processes); blocks
+    packed on the fly when a source is streamed, each process reading its own share of the stream."""
     d, t, accelerator = recipe.data, recipe.training, run.accelerator
     common = dict(per_device_batch_size=t.per_device_batch_size, num_processes=accelerator.num_processes,
                   process_index=accelerator.process_index, seed=t.seed, mlm_probability=d.mlm_probability)
     if any(source.streaming for source in d.sources):
+        from accelerate.utils import gather_object
+
         return StreamingMLMBatcher(d.sources, tokenizer, block_length=d.max_seq_length,
-                                   eval_blocks=d.max_eval_blocks if d.eval_fraction > 0 else 0, **common)
+                                   eval_blocks=d.max_eval_blocks if d.eval_fraction > 0 else 0,
+                                   shuffle_buffer=getattr(d, "shuffle_buffer", 10_000),
+                                   gather=lambda state: gather_object([state]), **common)
     with accelerator.main_process_first():
-        blocks_path = build_block_cache(d.sources, tokenizer, d.max_seq_length, d.cache_dir, log=run.log)
+        blocks_path = build_block_cache(d.sources, tokenizer, d.max_seq_length, d.cache_dir, log=run.log,
+                                        workers=d.preprocessing_workers)
     split = split_blocks(np.load(blocks_path, mmap_mode="r"), eval_fraction=d.eval_fraction,
                          max_eval_blocks=d.max_eval_blocks, seed=t.seed)
     return MLMBatcher(split, tokenizer, **common)
@@ -236,6 +242,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     if pruner is not None:
         run.register(pruner.save, pruner.load)
     state = run.resume(RESUME_KEYS)
+    batcher.load_state_dict(state)  # a streamed corpus continues where each process's stream stopped
     if pruner is not None and state["step"] > 0:
         pruner.guard.enforce_(run.optimizer)
     step, tokens_seen, eval_before = state["step"], state.get("tokens_seen", 0), state.get("eval_before")
@@ -277,11 +284,11 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             run.log(f"step {step}: held-out {format_metrics(last_eval)}")
             run.track({f"eval/{name}": value for name, value in last_eval.items()}, step)
         if run.due_save(step):
-            run.save(step, {"tokens_seen": tokens_seen, "eval_before": eval_before})
+            run.save(step, {"tokens_seen": tokens_seen, "eval_before": eval_before, **batcher.state_dict()})
     if last_eval is None:  # resumed at the end: nothing was trained in this process
         last_eval = evaluate(student, batcher.eval_batches(t.eval_batches), run.accelerator)
     metrics = {"eval_before": eval_before, "eval_after": last_eval, "step": step}
-    final_dir = run.finish(step, {"tokens_seen": tokens_seen, "eval_before": eval_before},
+    final_dir = run.finish(step, {"tokens_seen": tokens_seen, "eval_before": eval_before, **batcher.state_dict()},
                            final_writer(run, student, model, tokenizer, pruner, metrics))
     return RunResult(run.output_dir, final_dir, eval_before, last_eval, step)
 

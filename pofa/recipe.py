@@ -143,8 +143,9 @@ class OptimConfig:
     max_grad_norm: float | None = 1.0
     """Clip the global gradient norm to this value (null: no clipping)."""
 
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    """Autocast precision; weights and optimizer state stay fp32."""
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = None
+    """Autocast precision; weights and optimizer state stay fp32. Unset (null): the launcher's setting
+    (`accelerate launch` / its config file's `mixed_precision`), `no` without one."""
 
     eval_every: int = 500
     """Evaluate on the held-out blocks every this many optimizer steps (and at the end)."""

@@ -146,6 +146,22 @@ def check_trackers(names: list[str]) -> None:
                           f"available: {', '.join(sorted(available)) or 'none'}")
 
 
+def check_launcher_agrees(recipe, accelerator) -> None:
+    """The recipe's gradient accumulation is the run's: `accelerate launch` exports its config's value to the process
+    (and DeepSpeed's config has its own), which accelerate would silently prefer over the recipe's."""
+    from pofa.recipe import RecipeError
+
+    wanted = recipe.training.gradient_accumulation_steps
+    plugin = accelerator.state.deepspeed_plugin
+    deepspeed_value = plugin.deepspeed_config.get("gradient_accumulation_steps") if plugin is not None else None
+    for source, value in (("the launcher (accelerate config / ACCELERATE_GRADIENT_ACCUMULATION_STEPS)",
+                           accelerator.gradient_accumulation_steps),
+                          ("the DeepSpeed config", deepspeed_value)):
+        if isinstance(value, int) and value != wanted:
+            raise RecipeError(f"training.gradient_accumulation_steps: the recipe says {wanted}, {source} says {value}; "
+                              "make them equal, or remove it from the launcher's config so the recipe decides")
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     return " ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())
 
@@ -184,6 +200,7 @@ class Stage:
         accelerator = new_accelerator(gradient_accumulation_steps=t.gradient_accumulation_steps,
                                       mixed_precision=t.mixed_precision, log_with=list(t.trackers) or None,
                                       project_dir=str(output_dir))
+        check_launcher_agrees(recipe, accelerator)
         prepare_output_dir(output_dir, resume=resume, overwrite=overwrite, create=False)
         return cls(recipe, accelerator, output_dir, resume, overwrite)
 

@@ -1,13 +1,14 @@
 """Pre-training corpora: Hub data sets, local files and folders, and an embedded default.
 
 Every source yields plain documents (one string each). `load_documents` returns a map-style `datasets.Dataset` with a
-single `text` column, or an `IterableDataset` when a Hub source is streamed. `corpus_fingerprint` names the content
-for the tokenization cache.
+single `text` column, or an `IterableDataset` when a source is streamed; `shard_stream` gives each process its share
+of a stream (and `restore_stream` resumes it). `corpus_fingerprint` names the content for the tokenization cache.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import sys
 from pathlib import Path
@@ -90,12 +91,19 @@ def _read_source(source: CorpusSource, cache_dir: str | None) -> datasets.Datase
     else:
         try:
             ds = datasets.load_dataset(source.hub, source.config, split=source.split, streaming=source.streaming,
-                                       cache_dir=cache_dir)
+                                       cache_dir=cache_dir, revision=getattr(source, "revision", None))
         except (ConnectionError, OSError) as exc:
             raise CorpusError(
                 f"cannot load Hub data set {source.hub!r} (config {source.config!r}, split {source.split!r}): {exc}. "
                 "Without network access, download it elsewhere and point `files:` at the local "
                 "text/jsonl/parquet files instead of `hub:`"
+            ) from None
+        except RuntimeError as exc:  # datasets >= 4 runs no loading script: "Dataset scripts are no longer supported"
+            if "script" not in str(exc):
+                raise
+            raise CorpusError(
+                f"Hub data set {source.hub!r} is a loading script, which datasets >= 4 does not run ({exc}); download "
+                "its Parquet export (the Hub branch refs/convert/parquet) or its raw files and point `files:` at them"
             ) from None
         where = f"Hub data set {source.hub}"
     columns = ds.column_names or (list(ds.features) if ds.features else None)
@@ -137,6 +145,8 @@ def corpus_fingerprint(sources: Sequence[CorpusSource]) -> str:
     for source in sources:
         h.update(repr((source.hub, source.config, source.split, source.embedded, source.text_field,
                        source.max_documents)).encode())
+        if getattr(source, "revision", None):  # only when set: the keys of existing caches stay as they were
+            h.update(f"revision:{source.revision}".encode())
         if source.embedded:
             h.update(sys.version.encode())
         for path in expand_files(source.files) if source.files else []:
@@ -147,6 +157,35 @@ def corpus_fingerprint(sources: Sequence[CorpusSource]) -> str:
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("POFA_CACHE", Path.home() / ".cache" / "pofa"))
+
+
+def shard_stream(documents: datasets.IterableDataset, *, rank: int, world_size: int, seed: int
+                 ) -> datasets.IterableDataset:
+    """Process `rank`'s share of a streamed corpus, its shards (files) in a seeded order that `set_epoch` changes.
+
+    `split_dataset_by_node` gives each of the `world_size` processes whole shards when their number is a multiple of
+    `world_size`, else every `world_size`-th document: the shares are disjoint and together are the stream. The
+    shard order is shuffled with the same seed on every process, as split_dataset_by_node requires. Documents are
+    not buffered here (`buffer_size=1`): datasets' shuffle buffer is not part of `state_dict()`, so a resumed stream
+    would lose what it held; pofa shuffles documents itself, in windows it can re-read
+    (`pofa.data.mlm.StreamingMLMBatcher`).
+    """
+    from datasets.distributed import split_dataset_by_node
+
+    shuffled = documents.shuffle(seed=seed, buffer_size=1)
+    return split_dataset_by_node(shuffled, rank=rank, world_size=world_size) if world_size > 1 else shuffled
+
+
+def restore_stream(documents: datasets.IterableDataset, state: dict) -> None:
+    """`documents.load_state_dict(state)`, without datasets' warning that a shuffle buffer's content is lost:
+    `shard_stream`'s buffer holds nothing between two documents."""
+    logger = logging.getLogger("datasets.iterable_dataset")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        documents.load_state_dict(state)
+    finally:
+        logger.setLevel(level)
 
 
 def iter_texts(ds) -> Iterator[str]:

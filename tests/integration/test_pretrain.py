@@ -210,3 +210,27 @@ def test_a_corrupt_checkpoint_is_named(tiny_model_dir, tmp_path, cache_dir, caps
     assert main(["--recipe", str(path), "--resume"]) == 2
     err = capsys.readouterr().err
     assert str(latest) in err and "cannot be loaded" in err
+
+
+def test_a_launcher_with_other_gradient_accumulation_is_refused(tiny_model_dir, tmp_path, cache_dir, monkeypatch,
+                                                                capsys):
+    """`accelerate launch` exports its config's accumulation to the process; accelerate would prefer it silently."""
+    from pofa.recipe import save_recipe
+
+    save_recipe(tiny_recipe(tiny_model_dir, tmp_path / "run", cache_dir), tmp_path / "r.yaml")
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "4")
+    assert main(["--recipe", str(tmp_path / "r.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "training.gradient_accumulation_steps: the recipe says 1" in err and "says 4" in err
+    assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_unset_mixed_precision_defers_to_the_launcher(tiny_model_dir, tmp_path, cache_dir, monkeypatch):
+    from pofa.stage import Stage
+
+    recipe = tiny_recipe(tiny_model_dir, tmp_path / "run", cache_dir)
+    assert recipe.training.mixed_precision is None
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # what `accelerate launch --mixed_precision bf16` sets
+    assert Stage.start(recipe, resume=False, overwrite=False).accelerator.mixed_precision == "bf16"
+    recipe.training.mixed_precision = "no"  # a recipe that says it, wins
+    assert Stage.start(recipe, resume=False, overwrite=False).accelerator.mixed_precision == "no"

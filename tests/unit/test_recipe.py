@@ -176,3 +176,24 @@ def test_dumped_recipe_round_trips_with_number_like_text(tmp_path):
     assert load_recipe(write(tmp_path, text)) == recipe
     # checkpoint.check_resume_compatible and the model card read recipe.yaml with plain yaml.safe_load (YAML 1.1).
     assert yaml.safe_load(text) == dataclasses.asdict(recipe)
+
+
+def test_mixed_precision_no_is_the_word_not_false(tmp_path):
+    """YAML 1.1 reads a bare `no` as false; `training.mixed_precision=no` means the option "no"."""
+    from pofa.recipe import FinetuneRecipe, load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text("stage: finetune\ntraining:\n  mixed_precision: no\n")
+    assert load_recipe(path, [], FinetuneRecipe).training.mixed_precision == "no"
+    assert load_recipe(path, ["training.mixed_precision=bf16"], FinetuneRecipe).training.mixed_precision == "bf16"
+    path.write_text("stage: finetune\n")
+    assert load_recipe(path, [], FinetuneRecipe).training.mixed_precision is None  # the launcher's
+
+
+def test_output_dir_flag_is_taken_as_typed():
+    """A path is not YAML: `runs/a #1` keeps its `#`, `runs: x` stays a string."""
+    from pofa.pretrain import with_output_dir
+    from pofa.recipe import PretrainRecipe
+
+    for folder in ("runs/a #1", "runs: x", "1e4"):
+        assert with_output_dir(PretrainRecipe(), folder).training.output_dir == folder

@@ -4,8 +4,8 @@ import torch
 from transformers import AutoTokenizer
 
 from pofa.data.corpus import CorpusError
-from pofa.data.mlm import (MLMBatcher, batch_indices, build_block_cache, mask_tokens, pack_blocks, split_blocks,
-                           step_generator)
+from pofa.data.mlm import (BlockPacker, MLMBatcher, batch_indices, build_block_cache, mask_tokens, pack_blocks,
+                           split_blocks, step_generator)
 from pofa.recipe import CorpusSource
 
 CLS, SEP = 2, 3
@@ -83,7 +83,7 @@ def test_block_cache_is_reused_and_split_is_fixed(tmp_path, tiny_tokenizer_dir, 
     assert blocks.shape[1] == 32 and (blocks[:, 0] == tokenizer.cls_token_id).all()
 
     import pofa.data.mlm as mlm
-    monkeypatch.setattr(mlm, "tokenize_batches", lambda *a, **k: pytest.fail("re-tokenized a cached corpus"))
+    monkeypatch.setattr(mlm, "tokenize_corpus", lambda *a, **k: pytest.fail("re-tokenized a cached corpus"))
     assert build_block_cache(sources, tokenizer, 32, tmp_path / "cache", log=lambda m: None) == path
     a = split_blocks(blocks, eval_fraction=0.1, max_eval_blocks=100, seed=3)
     b = split_blocks(blocks, eval_fraction=0.1, max_eval_blocks=100, seed=3)
@@ -225,3 +225,181 @@ def test_summed_held_out_loss_does_not_depend_on_the_process_count(tiny_tokenize
     assert count > 0 and 1 < loss / count < 10
     for num_processes in (2, 3):
         assert summed(num_processes) == pytest.approx((loss, correct, count), rel=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Corpus scale: parallel tokenization, streamed shares, resumable streams
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def _todays_blocks(documents, tokenizer, block_length: int) -> np.ndarray:
+    """The blocks as pofa packed them before parallel tokenization (its pure-Python loop, kept here verbatim as
+    the reference): documents tokenized in order, joined by [SEP], cut into [CLS] ... [SEP] blocks."""
+    from pofa.data.mlm import tokenize_batches
+
+    payload, buffer, start, blocks = block_length - 2, [], 0, []
+    for tokens in tokenize_batches((row["text"] for row in documents), tokenizer):
+        buffer.extend(tokens)
+        buffer.append(tokenizer.sep_token_id)
+        while len(buffer) - start >= payload:
+            block = np.empty(block_length, dtype=np.int32)
+            block[0], block[1:-1], block[-1] = tokenizer.cls_token_id, buffer[start : start + payload], SEP
+            start += payload
+            blocks.append(block)
+    return np.stack(blocks)
+
+
+def _generated_corpus(folder, kind: str, documents: int = 3000):
+    """`documents` documents of 0 to 400 words of CPython's prose (every 50th blank), as .jsonl or .txt files."""
+    import json
+
+    from pofa.data.corpus import python_docs_documents
+
+    words = " ".join(python_docs_documents()[:200]).split()
+    rng = np.random.default_rng(0)
+    texts = []
+    for i in range(documents):
+        start = int(rng.integers(0, len(words) - 400))
+        texts.append("" if i % 50 == 0 else " ".join(words[start : start + int(rng.integers(1, 400))]))
+    folder.mkdir()
+    for part in range(3):
+        share = texts[part::3]
+        if kind == "jsonl":
+            (folder / f"part-{part}.jsonl").write_text("\n".join(json.dumps({"text": t}) for t in share) + "\n")
+        else:  # paragraphs: blank documents are simply absent
+            (folder / f"part-{part}.txt").write_text("\n\n".join(t for t in share if t) + "\n")
+    return [CorpusSource(files=[str(folder)])]
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+def test_parallel_tokenization_writes_the_same_blocks_bit_for_bit(tmp_path, tiny_tokenizer_dir, monkeypatch, kind):
+    import pofa.data.mlm as mlm
+    from pofa.data.corpus import load_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    sources = _generated_corpus(tmp_path / "corpus", kind)
+    monkeypatch.setattr(mlm, "MIN_PIECE_DOCUMENTS", 400)  # several pieces: remainders carried across them
+    lines: list[str] = []
+    one = build_block_cache(sources, tokenizer, 64, tmp_path / "one", log=lambda m: None, workers=1)
+    two = build_block_cache(sources, tokenizer, 64, tmp_path / "two", log=lines.append, workers=2)
+    assert one.parent.name == two.parent.name  # the cache key does not depend on the worker count
+    blocks = np.load(one)
+    assert blocks.dtype == np.int32 and len(blocks) > 1000
+    assert np.load(two).tobytes() == blocks.tobytes()
+    assert np.array_equal(blocks, _todays_blocks(load_documents(sources), tokenizer, 64))
+    progress = [line for line in lines if line.startswith("tokenized ") and "documents" in line]
+    assert len(progress) > 1 and "2 worker(s)" in progress[-1] and "tokens/s" in progress[-1]
+    assert list((tmp_path / "two" / "blocks").iterdir()) == [two.parent]  # no scratch left behind
+
+
+def test_block_packer_cuts_the_same_blocks_however_it_is_fed():
+    rng = np.random.default_rng(1)
+    docs = [rng.integers(10, 100, size=n).astype(np.int32) for n in rng.integers(0, 40, size=200)]
+    one_by_one = np.stack(list(pack_blocks(docs, block_length=16, cls_id=CLS, sep_id=SEP)))
+    packer, blocks = BlockPacker(block_length=16, cls_id=CLS, sep_id=SEP), []
+    for start in range(0, len(docs), 37):
+        group = docs[start : start + 37]
+        blocks.append(packer.add(np.concatenate(group), [len(d) for d in group]))
+    assert np.array_equal(np.concatenate(blocks), one_by_one)
+    stream = np.concatenate([np.append(d, SEP) for d in docs])
+    assert np.array_equal(packer.pending, stream[one_by_one.shape[0] * 14 :])
+
+
+def _streamed(tmp_path, tokenizer, *, files: int = 3, **kwargs) -> list[CorpusSource]:
+    import json
+
+    from pofa.data.corpus import python_docs_documents
+
+    folder = tmp_path / "stream"
+    if not folder.exists():
+        folder.mkdir()
+        docs = [" ".join(doc.split()[:30]) for doc in python_docs_documents()[:90]]  # about 60 tokens each
+        for f in range(files):
+            (folder / f"part-{f}.jsonl").write_text("\n".join(json.dumps({"text": d}) for d in docs[f::files]))
+    return [CorpusSource(files=[str(folder)], streaming=True, **kwargs)]
+
+
+def _streaming_batcher(sources, tokenizer, **kwargs):
+    from pofa.data.mlm import StreamingMLMBatcher
+
+    settings = dict(block_length=32, eval_blocks=8, per_device_batch_size=4, num_processes=1, process_index=0,
+                    seed=3, mlm_probability=0.15, shuffle_buffer=7)
+    return StreamingMLMBatcher(sources, tokenizer, **{**settings, **kwargs})
+
+
+def _training_documents(monkeypatch) -> dict[int, list[str]]:
+    """Records, per process, the documents each streaming batcher packs for training."""
+    from pofa.data.mlm import StreamingMLMBatcher
+
+    seen: dict[int, list[str]] = {}
+    original = StreamingMLMBatcher._window_documents
+
+    def recording(self, texts, epoch, window, first):
+        order = self._window_order(epoch, window, len(texts))
+        for d, tokens in original(self, texts, epoch, window, first):
+            seen.setdefault(self.process_index, []).append(texts[order[d]])
+            yield d, tokens
+
+    monkeypatch.setattr(StreamingMLMBatcher, "_window_documents", recording)
+    return seen
+
+
+@pytest.mark.parametrize("files", [2, 1])  # whole files per process; one file split document by document
+def test_streamed_processes_train_on_disjoint_shares_and_never_on_held_out_text(tmp_path, tiny_tokenizer_dir,
+                                                                                monkeypatch, files):
+    from pofa.data.corpus import load_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    sources = _streamed(tmp_path, tokenizer, files=files)
+    seen = _training_documents(monkeypatch)
+    batchers = [_streaming_batcher(sources, tokenizer, num_processes=2, process_index=p) for p in range(2)]
+    for batcher in batchers:
+        for micro_step in range(30):  # beyond one epoch of each share (about 26 micro-steps)
+            batcher.train_batch(micro_step)
+    held_out = {t for t in (row["text"] for row in load_documents(sources)) if not batchers[0]._trains_on(t)}
+    assert np.array_equal(batchers[0].split.blocks, batchers[1].split.blocks) and len(batchers[0].split.blocks) == 8
+    everything = {row["text"] for row in load_documents(sources)}
+    shares = [set(seen[p]) for p in range(2)]
+    assert not shares[0] & shares[1] and not held_out & (shares[0] | shares[1])
+    assert shares[0] | shares[1] == everything - held_out
+    first_epoch = seen[0][: len(shares[0])]
+    assert first_epoch != sorted(first_epoch, key=[row["text"] for row in load_documents(sources)].index)  # shuffled
+
+
+def test_a_streamed_run_resumes_exactly_from_its_saved_position(tmp_path, tiny_tokenizer_dir, monkeypatch):
+    import json
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    sources = _streamed(tmp_path, tokenizer)
+    straight = [_streaming_batcher(sources, tokenizer, num_processes=2, process_index=p) for p in range(2)]
+    expected = [[b.train_batch(m)["input_ids"] for m in range(30)] for b in straight]  # epochs of ~26 micro-steps
+
+    for stop in (5, 17, 27):  # in epoch 0 (an early window, a later one) and in epoch 1
+        interrupted = [_streaming_batcher(sources, tokenizer, num_processes=2, process_index=p) for p in range(2)]
+        for b in interrupted:
+            for m in range(stop):
+                b.train_batch(m)
+        # what the main process writes into trainer_state.json: every process's position
+        state = json.loads(json.dumps({"data_streams": [b.state_dict()["data_streams"][0] for b in interrupted]}))
+        read = []
+        for p in range(2):
+            resumed = _streaming_batcher(sources, tokenizer, num_processes=2, process_index=p)
+            original = resumed._window_documents
+            resumed._window_documents = lambda texts, *a, _o=original: read.append(len(texts)) or _o(texts, *a)
+            resumed.load_state_dict(state)
+            for m in range(stop, 30):
+                assert torch.equal(resumed.train_batch(m)["input_ids"], expected[p][m]), (p, stop, m)
+        assert read[0] <= 7  # the first window read is the one the position is in, not the stream before it
+
+
+def test_a_stream_position_needs_the_same_number_of_processes(tmp_path, tiny_tokenizer_dir):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    batcher = _streaming_batcher(_streamed(tmp_path, tokenizer), tokenizer)
+    batcher.train_batch(0)
+    state = batcher.state_dict()
+    with pytest.raises(CorpusError, match="stream positions of 1 processes; resume it with 1"):
+        _streaming_batcher(_streamed(tmp_path, tokenizer), tokenizer, num_processes=2,
+                           process_index=0).load_state_dict(state)
+    fresh = _streaming_batcher(_streamed(tmp_path, tokenizer), tokenizer)
+    fresh.load_state_dict({})  # an older checkpoint: re-read up to the micro-step
+    assert torch.equal(fresh.train_batch(1)["input_ids"], batcher.train_batch(1)["input_ids"])
