@@ -190,7 +190,7 @@ def make_batcher(recipe: PretrainRecipe, tokenizer, run: Stage) -> MLMBatcher:
 
         return StreamingMLMBatcher(d.sources, tokenizer, block_length=d.max_seq_length,
                                    eval_blocks=d.max_eval_blocks if d.eval_fraction > 0 else 0,
-                                   shuffle_buffer=getattr(d, "shuffle_buffer", 10_000),
+                                   shuffle_buffer=d.shuffle_buffer,
                                    gather=lambda state: gather_object([state]), **common)
     with accelerator.main_process_first():
         blocks_path = build_block_cache(d.sources, tokenizer, d.max_seq_length, d.cache_dir, log=run.log,

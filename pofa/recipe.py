@@ -75,6 +75,10 @@ class CorpusSource:
     max_documents: int | None = None
     """Read at most this many documents from the source (quick experiments)."""
 
+    revision: str | None = None
+    """Hub branch, tag or commit to read, e.g. `refs/convert/parquet`: the Parquet export the Hub keeps of a data set
+    published as a loading script, which datasets >= 4 does not run."""
+
 
 @dataclass
 class DataConfig:
@@ -97,7 +101,11 @@ class DataConfig:
     """Where tokenized corpora are cached (default: `$POFA_CACHE` or `~/.cache/pofa`)."""
 
     preprocessing_workers: int = 1
-    """Processes used to tokenize a map-style corpus."""
+    """Processes used to tokenize a map-style corpus (datasets' multi-process `map`; the blocks are the same)."""
+
+    shuffle_buffer: int = 10_000
+    """Streamed corpora: each process shuffles its documents in consecutive windows of this many (seeded; the file
+    order also changes every epoch); a resumed run re-reads only the current window. 1 keeps the stream's order."""
 
 
 @dataclass
@@ -411,6 +419,7 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
             ("data.eval_fraction", 0.0 <= d.eval_fraction < 1.0, "must be in [0, 1)"),
             ("data.max_eval_blocks", d.max_eval_blocks >= 0, "must be >= 0"),
             ("data.preprocessing_workers", d.preprocessing_workers >= 1, "must be >= 1"),
+            ("data.shuffle_buffer", d.shuffle_buffer >= 1, "must be >= 1"),
         ]
         for i, src in enumerate(d.sources):
             given = [n for n in ("hub", "files", "embedded") if getattr(src, n)]

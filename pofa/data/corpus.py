@@ -91,7 +91,7 @@ def _read_source(source: CorpusSource, cache_dir: str | None) -> datasets.Datase
     else:
         try:
             ds = datasets.load_dataset(source.hub, source.config, split=source.split, streaming=source.streaming,
-                                       cache_dir=cache_dir, revision=getattr(source, "revision", None))
+                                       cache_dir=cache_dir, revision=source.revision)
         except (ConnectionError, OSError) as exc:
             raise CorpusError(
                 f"cannot load Hub data set {source.hub!r} (config {source.config!r}, split {source.split!r}): {exc}. "
@@ -145,7 +145,7 @@ def corpus_fingerprint(sources: Sequence[CorpusSource]) -> str:
     for source in sources:
         h.update(repr((source.hub, source.config, source.split, source.embedded, source.text_field,
                        source.max_documents)).encode())
-        if getattr(source, "revision", None):  # only when set: the keys of existing caches stay as they were
+        if source.revision:  # only when set: the keys of existing caches stay as they were
             h.update(f"revision:{source.revision}".encode())
         if source.embedded:
             h.update(sys.version.encode())

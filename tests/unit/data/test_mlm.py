@@ -381,15 +381,22 @@ def test_a_streamed_run_resumes_exactly_from_its_saved_position(tmp_path, tiny_t
                 b.train_batch(m)
         # what the main process writes into trainer_state.json: every process's position
         state = json.loads(json.dumps({"data_streams": [b.state_dict()["data_streams"][0] for b in interrupted]}))
-        read = []
+        read = []  # documents read by each window of the resumed processes
         for p in range(2):
             resumed = _streaming_batcher(sources, tokenizer, num_processes=2, process_index=p)
-            original = resumed._window_documents
-            resumed._window_documents = lambda texts, *a, _o=original: read.append(len(texts)) or _o(texts, *a)
+            monkeypatch.setattr(resumed, "_window_documents", _counting(resumed._window_documents, read))
             resumed.load_state_dict(state)
             for m in range(stop, 30):
                 assert torch.equal(resumed.train_batch(m)["input_ids"], expected[p][m]), (p, stop, m)
         assert read[0] <= 7  # the first window read is the one the position is in, not the stream before it
+
+
+def _counting(window_documents, read: list[int]):
+    def counted(texts, *args):
+        read.append(len(texts))
+        return window_documents(texts, *args)
+
+    return counted
 
 
 def test_a_stream_position_needs_the_same_number_of_processes(tmp_path, tiny_tokenizer_dir):
