@@ -293,7 +293,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     if store is not None:
         from pofa.sparsity import MaskGuard, check_masks
 
-        guard = MaskGuard(model, store)
+        guard = MaskGuard(model, store, gradients="step")  # the loop masks once per optimizer step
         guard.enforce_(run.optimizer)
         check_masks(model, store)
     step = run.resume(RESUME_KEYS)["step"]
@@ -316,7 +316,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
                                  process_index=run.accelerator.process_index, seed=t.seed)
             batch = {key: v.to(run.accelerator.device) for key, v in collate(data.train, rows, tokenizer).items()}
             window.add(micro_step(run.accelerator, prepared, run.optimizer,
-                                  lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm))
+                                  lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm,
+                                  before_clip=guard.mask_gradients_ if guard is not None else None))
         step += 1
         run.stepped(plan.global_batch_size)
         if qat_config is not None:

@@ -149,9 +149,11 @@ def build_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: flo
     return torch.optim.AdamW(decay_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
 
 
-def micro_step(accelerator, model, optimizer, compute_loss, max_grad_norm: float | None) -> torch.Tensor:
-    """One micro-step: forward under autocast, backward, and on the last micro-step of an optimizer step, gradient
-    clipping and the optimizer step. Returns the detached loss.
+def micro_step(accelerator, model, optimizer, compute_loss, max_grad_norm: float | None,
+               before_clip=None) -> torch.Tensor:
+    """One micro-step: forward under autocast, backward, and on the last micro-step of an optimizer step,
+    `before_clip()` (the MaskGuard's once-per-step gradient masking), gradient clipping and the optimizer step.
+    Returns the detached loss.
 
     accelerate decides which micro-step synchronises (`sync_gradients`); the optimizer wrapper skips the others.
     """
@@ -159,6 +161,8 @@ def micro_step(accelerator, model, optimizer, compute_loss, max_grad_norm: float
         with accelerator.autocast():
             loss = compute_loss()
         accelerator.backward(loss)
+        if accelerator.sync_gradients and before_clip is not None:
+            before_clip()
         if accelerator.sync_gradients and max_grad_norm is not None:
             accelerator.clip_grad_norm_(model.parameters(), max_grad_norm)
         optimizer.step()

@@ -99,7 +99,7 @@ class Pruner:
         include = list(c.include or DEFAULT_TARGETS) + ([POOLER_TARGET] if c.pooler else [])
         # Full shapes, also where DeepSpeed ZeRO-3 leaves each process an empty shard.
         self.store = MaskStore.dense(model.named_parameters(), include=include, exclude=c.exclude)
-        self.guard = MaskGuard(model, self.store)
+        self.guard = MaskGuard(model, self.store, gradients="step")  # the loop masks once per optimizer step
         self.end_pruning_step = c.end_pruning_step if c.end_pruning_step is not None else c.end_step
         self.pruned_values = None
         if c.revive:
@@ -225,11 +225,11 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     """Run the recipe; returns where the final model is and the held-out metrics before and after."""
     t, d, k = recipe.training, recipe.data, recipe.distillation
     run = Stage.start(recipe, resume=resume, overwrite=overwrite)
+    torch.manual_seed(t.seed)  # before loading: weights the checkpoint lacks (an MLM head, a pooler) are drawn
     tokenizer, model = load_student(recipe)
     batcher = make_batcher(recipe, tokenizer, run)
     plan = run.plan_steps(t.max_steps)
     batcher.train_batch(0)  # fails now, with a clear message, if the data is smaller than one global batch
-    torch.manual_seed(t.seed)
     teacher = None
     if k.teacher:
         dtype = torch.bfloat16 if k.teacher_dtype == "bfloat16" else torch.float32
@@ -270,7 +270,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             batch = batcher.train_batch(plan.micro_step(step, accumulation_index))
             batch = {key: v.to(run.accelerator.device, non_blocking=True) for key, v in batch.items()}
             distill_mask = batch["attention_mask"].bool() if teacher is not None and k.positions == "all" else None
-            window.add(micro_step(run, student, lambda: mlm_loss(student, teacher, batch, distill_mask, k)))
+            window.add(micro_step(run, student, lambda: mlm_loss(student, teacher, batch, distill_mask, k), pruner))
         step += 1
         tokens_seen += tokens_per_step
         run.stepped(tokens_per_step)
@@ -293,10 +293,11 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     return RunResult(run.output_dir, final_dir, eval_before, last_eval, step)
 
 
-def micro_step(run: Stage, module, compute_loss) -> torch.Tensor:
+def micro_step(run: Stage, module, compute_loss, pruner) -> torch.Tensor:
     from pofa.loop import micro_step as one_micro_step
 
-    return one_micro_step(run.accelerator, module, run.optimizer, compute_loss, run.recipe.training.max_grad_norm)
+    return one_micro_step(run.accelerator, module, run.optimizer, compute_loss, run.recipe.training.max_grad_norm,
+                          before_clip=pruner.guard.mask_gradients_ if pruner is not None else None)
 
 
 def final_writer(run: Stage, wrapped, model, tokenizer, pruner, metrics):

@@ -38,10 +38,11 @@ all of these. Optimizers whose state is not shaped like the weight (Adafactor's 
 because the gradient is zero; for optimizers that move a weight with zero gradient and zero state (none of the
 usual ones), call :meth:`MaskGuard.after_step_`.
 
-Cost: one ``torch.where`` over each masked gradient per backward pass (memory-bound, about 9 bytes per weight);
-measured at 1-2% of a training step for a 4-layer, 256-wide BERT on one CPU thread with 1k tokens per step. The
-share grows as micro-batches shrink, since hooks run on every micro-step. Pruning events (every ~1000 steps) cost a
-magnitude selection per weight plus, for DeepSpeed/FSDP2, gathers of the weights and optimizer states.
+Cost: with hooks, one ``torch.where`` over each masked gradient per backward pass (memory-bound, a new tensor each
+time), so the share grows as micro-batches shrink. pofa's own loops use ``gradients="step"`` instead on plain and DDP
+parameters: one in-place ``masked_fill_`` per masked gradient per optimizer step, before clipping
+(``bench/bench_student_step.py`` measures both). Pruning events (every ~1000 steps) cost a magnitude selection per
+weight plus, for DeepSpeed/FSDP2, gathers of the weights and optimizer states.
 """
 
 from __future__ import annotations
@@ -137,9 +138,17 @@ class MaskGuard:
     device if needed) and registers one gradient hook per masked parameter. The hooks read masks from the store at
     every call, so :meth:`MaskStore.update` takes effect immediately. ``model`` may be a plain module, a DDP / FSDP2 /
     ``torch.compile`` wrapped module, or a DeepSpeed engine (or its ``.module``).
+
+    ``gradients="step"`` registers no hook on plain and DDP parameters: the loop calls :meth:`mask_gradients_` once
+    per optimizer step instead, after the last backward (and DDP's all-reduce) and before clipping, in place. Masking
+    commutes with summing, so the result is the same, bit for bit, at one pass per optimizer step instead of one
+    allocating pass per micro-step. DeepSpeed and FSDP2 parameters keep their hooks (their gradients are reduced
+    into shards that the loop never sees).
     """
 
-    def __init__(self, model: nn.Module, store: MaskStore) -> None:
+    def __init__(self, model: nn.Module, store: MaskStore, *, gradients: Literal["hooks", "step"] = "hooks") -> None:
+        if gradients not in ("hooks", "step"):
+            raise ValueError(f"gradients must be 'hooks' or 'step', got {gradients!r}")
         self._model = model
         self._store = store
         self._params = bind_masks(model, store)
@@ -151,10 +160,13 @@ class MaskGuard:
             store.to(next(iter(devices)))
         self._local_masks: dict[str, tuple[int, Tensor]] = {}
         self._handles: list[Any] = []
+        self._masked_per_step: list[str] = []
         for name, param in self._params.items():
             if not param.requires_grad:
                 continue
-            if _is_dtensor(param):
+            if gradients == "step" and not _is_dtensor(param) and not _is_deepspeed_param(param):
+                self._masked_per_step.append(name)
+            elif _is_dtensor(param):
                 # FSDP2 reduce-scatters into the sharded DTensor's .grad outside autograd, then runs the sharded
                 # parameter's post-accumulate-grad hooks: mask the local gradient shard there.
                 hook = _make_post_accumulate_hook(lambda n=name: self._local_mask(n))
@@ -189,6 +201,19 @@ class MaskGuard:
         return engine_optimizer if engine_optimizer is not None else optimizer
 
     # --- public API ---------------------------------------------------------------------------------------------
+    def mask_gradients_(self) -> None:
+        """Zero, in place, the pruned positions of the gradients that ``gradients="step"`` left to this call.
+
+        Call once per optimizer step, after the last micro-step's backward and before clipping and the optimizer
+        step (``pofa.loop.micro_step`` does). A no-op for parameters that have hooks.
+        """
+        with torch.no_grad():
+            for name in self._masked_per_step:
+                grad = self._params[name].grad
+                if grad is not None:
+                    # masked_fill, not a multiply: an inf gradient (fp16 overflow) times 0 would be NaN.
+                    grad.masked_fill_(self._store[name].logical_not(), 0)
+
     def full_weights(self) -> dict[str, Tensor]:
         """Mask name -> full, unsharded weight to rank by magnitude (DeepSpeed: the fp32 master copy).
 

@@ -234,3 +234,23 @@ def test_unset_mixed_precision_defers_to_the_launcher(tiny_model_dir, tmp_path, 
     assert Stage.start(recipe, resume=False, overwrite=False).accelerator.mixed_precision == "bf16"
     recipe.training.mixed_precision = "no"  # a recipe that says it, wins
     assert Stage.start(recipe, resume=False, overwrite=False).accelerator.mixed_precision == "no"
+
+
+def test_weights_the_checkpoint_lacks_are_drawn_from_the_recipe_seed(tiny_tokenizer_dir, tmp_path, cache_dir):
+    """A checkpoint without an MLM head (all-MiniLM-L6-v2 is one) gets a fresh head: the same one whatever ran before
+    in the process, so a run is reproducible from its recipe."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from tests.conftest import TINY_BERT
+
+    folder = tmp_path / "headless"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    BertModel(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    finals = []
+    for consumed in (0, 7):
+        torch.manual_seed(1000 + consumed)  # whatever state the process is in
+        torch.rand(consumed)
+        result = train(tiny_recipe(folder, tmp_path / f"run{consumed}", cache_dir, training={"max_steps": 2}))
+        finals.append(result.final_dir / "model.safetensors")
+    assert_same_safetensors(finals[0], finals[1], "a run from the same recipe")

@@ -241,3 +241,47 @@ def test_deepspeed_is_never_imported_by_pofa():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def train_masking_once_per_step(model, optimizer, guard, steps, generator, *, accumulation):
+    for _ in range(steps):
+        for _ in range(accumulation):
+            (model(**batch(generator)).loss / accumulation).backward()
+        guard.mask_gradients_()  # once per optimizer step, before clipping
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_masking_once_per_step_equals_the_hooks_bit_for_bit(accumulation):
+    """`gradients="step"`: no hook, one in-place pass per optimizer step; masking commutes with summing."""
+    results = {}
+    for mode in ("hooks", "step"):
+        model = tiny_bert()
+        store = MaskStore.dense(model.named_parameters())
+        guard = MaskGuard(model, store, gradients=mode)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.01)
+        guard.enforce_(optimizer, prune_by_magnitude(model, store, 0.8))
+        if mode == "hooks":
+            train(model, optimizer, 4, torch.Generator().manual_seed(1), accumulation=accumulation)
+        else:
+            train_masking_once_per_step(model, optimizer, guard, 4, torch.Generator().manual_seed(1),
+                                        accumulation=accumulation)
+        check_masks(model, store)
+        results[mode] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    assert all(torch.equal(results["hooks"][name], results["step"][name]) for name in results["hooks"])
+
+
+def test_step_mode_leaves_gradients_to_the_loop():
+    model = tiny_bert()
+    store = MaskStore.dense(model.named_parameters())
+    guard = MaskGuard(model, store, gradients="step")
+    prune_by_magnitude(model, store, 0.5)
+    model(**batch(torch.Generator().manual_seed(0))).loss.backward()
+    name, param = next(iter(store.bind(model).items()))
+    assert (param.grad[~store[name]] != 0).any()  # no hook ran
+    guard.mask_gradients_()
+    assert (param.grad[~store[name]] == 0).all() and (param.grad[store[name]] != 0).any()
+    with pytest.raises(ValueError, match="gradients"):
+        MaskGuard(model, store, gradients="later")
