@@ -29,7 +29,7 @@ import os
 import re
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, Literal
 
 import numpy as np
@@ -469,6 +469,21 @@ def bind_masks(model: nn.Module, store: MaskStore) -> dict[str, nn.Parameter]:
 # The mask store
 
 
+def atomic_save(write: Callable[[str], None], path: str | os.PathLike[str]) -> None:
+    """`write(tmp)` into a temporary file beside `path`, then rename it to `path`: a crash mid-save never leaves a
+    truncated file (masks, pruned values) beside a good checkpoint."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}-", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def _as_mask(name: str, mask: Tensor) -> Tensor:
     if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
         got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
@@ -672,20 +687,10 @@ class MaskStore:
         """Write the masks as bit-packed safetensors (1 bit per weight; shapes in the metadata), atomically."""
         from safetensors.numpy import save_file
 
-        path = os.fspath(path)
         meta = self._metadata()
         metadata = {key: json.dumps(value) if key == "shapes" else value for key, value in meta.items()}
         arrays = {name: _pack(mask).numpy() for name, mask in self._masks.items()}
-        directory = os.path.dirname(os.path.abspath(path))
-        # Write-then-rename: a crash mid-save must not leave a truncated mask file beside a good checkpoint.
-        fd, tmp = tempfile.mkstemp(prefix=".masks-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(arrays, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_save(lambda tmp: save_file(arrays, tmp, metadata=metadata), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> MaskStore:

@@ -41,14 +41,13 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from pofa.sparsity.masks import MaskChanges, MaskFileError, MaskStore
+from pofa.sparsity.masks import MaskChanges, MaskFileError, MaskStore, atomic_save
 
 __all__ = ["PrunedValues"]
 
@@ -220,19 +219,10 @@ class PrunedValues:
         atomically (write, then rename). About 4 bytes per masked weight."""
         from safetensors.torch import save_file
 
-        path = os.fspath(path)
         tensors = {name: values.detach().to("cpu").contiguous() for name, values in self._values.items()}
         metadata = {"format": _FORMAT, "format_version": _FORMAT_VERSION, "decay": repr(self._decay),
                     "names": json.dumps(list(self._values))}
-        directory = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".pruned-values-", suffix=".tmp", dir=directory)
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata=metadata)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_save(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, device: torch.device | str = "cpu") -> PrunedValues:

@@ -29,12 +29,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_workers(mode: str, out_dir: Path) -> list[dict]:
+def run_workers(mode: str, out_dir: Path, worker: Path = WORKER) -> list[dict]:
+    """`worker MODE OUT_DIR` on 2 torchrun processes (loopback only); each rank's `rankN.json`."""
     command = [
         sys.executable, "-m", "torch.distributed.run",
         "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(WORKER), mode, str(out_dir),
+        str(worker), mode, str(out_dir),
     ]
     python_path = os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=python_path)
