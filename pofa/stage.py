@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from accelerate.logging import MultiProcessAdapter
 
 from pofa.artifacts import FINAL_DIR, RECIPE_FILE
 from pofa.checkpoint import Checkpointer, check_resume_compatible, prepare_output_dir
@@ -120,17 +121,18 @@ def _only_cpu() -> bool:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
-def get_logger():
+class _MainProcessLogger(MultiProcessAdapter):
+    """accelerate's adapter without its `[RANK n]` prefix: only the main process prints, so no line needs it."""
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("stacklevel", 2)
+        return msg, kwargs
+
+
+def get_logger() -> MultiProcessAdapter:
     """pofa's logger through accelerate's multi-process adapter: `info` prints on the main process only, and
-    `main_process_only=False` on every process. Lines carry no `[RANK 0]` prefix: only the main process prints."""
-    from accelerate.logging import MultiProcessAdapter
-
-    class _Adapter(MultiProcessAdapter):
-        def process(self, msg, kwargs):
-            kwargs.setdefault("stacklevel", 2)
-            return msg, kwargs
-
-    return _Adapter(logging.getLogger(LOGGER_NAME), {})
+    `main_process_only=False` on every process."""
+    return _MainProcessLogger(logging.getLogger(LOGGER_NAME), {})
 
 
 def check_trackers(names: list[str]) -> None:
@@ -187,7 +189,6 @@ class Stage:
     _progress: Any = None
     _window_start: float = field(default_factory=time.perf_counter)
     _window_items: int = 0
-    _extras: list[tuple[Callable[[Path], None], Callable[[Path], None]]] = field(default_factory=list)
 
     # --- set-up -------------------------------------------------------------------------------------------------
     @classmethod
