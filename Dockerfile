@@ -1,7 +1,7 @@
 # pofa on NVIDIA GPUs, ready for `accelerate launch` (README.md, "Docker"):
 #   docker build -t pofa .
 #   docker run --gpus all --ipc=host -e HF_TOKEN -v $PWD/runs:/workspace/runs -v hf-cache:/data/hf pofa \
-#     accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe recipes/bert-base-sparse90.yaml
+#     accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe bert-base-sparse90
 # tests/unit/test_dockerfile.py checks this file (pins, user, cache volume, no secret, every COPY source exists).
 
 # Official PyTorch image, pinned by tag and digest: torch 2.13.0+cu126 (the torch version the tests run on here),
@@ -46,7 +46,6 @@ RUN PIP_BREAK_SYSTEM_PACKAGES=1 python -m pip install -c launch/docker-constrain
     && python -c "import pofa.pretrain, torch; assert torch.version.cuda and torch.__version__.startswith('2.13.0')" \
     && rm -rf build pofa.egg-info
 
-COPY recipes/ recipes/
 COPY launch/ launch/
 
 RUN set -eu; \

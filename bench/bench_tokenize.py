@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 import datasets
-import numpy as np
 
 from pofa.data.corpus import python_docs_documents
 from pofa.data.mlm import BlockPacker, tokenize_corpus

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Entry point of the Docker image (Dockerfile): runs the command it is given (`accelerate launch ...`, `pofa ...`,
-# `bash`) in /workspace, which holds the checkout's pofa/, recipes/ and launch/; given none (or --help), it says how
+# `bash`) in /workspace, which holds the checkout's pofa/ (recipes in pofa/recipes/) and launch/; given none (or --help), it says how
 # to use the image.
 set -euo pipefail
 
@@ -24,9 +24,9 @@ $versions; working directory $(pwd); Hugging Face cache HF_HOME=${HF_HOME:-unset
 usage: docker run --gpus all --ipc=host -e HF_TOKEN -v \$PWD/runs:/workspace/runs -v hf-cache:/data/hf \\
          pofa COMMAND
 
-  accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe recipes/bert-base-teacher.yaml
-  accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe recipes/bert-base-sparse90.yaml
-  pofa finetune --recipe recipes/glue-sst2-bert-base-sparse90.yaml
+  accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe bert-base-teacher
+  accelerate launch --config_file launch/ddp.yaml pofa/pretrain.py --recipe bert-base-sparse90
+  pofa finetune --recipe glue-sst2-bert-base-sparse90
   bash                                     (a shell in the image; add -it to docker run)
 
 Results go to runs/ (mount it, as above, or they are lost with the container). DeepSpeed's ops are not
@@ -34,5 +34,5 @@ pre-compiled (DS_BUILD_OPS=0): pofa needs none of them on GPUs (it uses torch's 
 configuration needs is compiled at its first use, which needs the CUDA compiler of a -devel base image.
 
 launch configurations: $(cd launch && ls ./*.yaml | sed 's|^\./||' | tr '\n' ' ')
-recipes: $(cd recipes && ls ./*.yaml | sed 's|^\./||; s|\.yaml$||' | tr '\n' ' ')
+recipes (--recipe NAME; \`pofa recipes\` describes them): $(cd pofa/recipes && ls ./*.yaml | sed 's|^\./||; s|\.yaml$||' | tr '\n' ' ')
 EOF

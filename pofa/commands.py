@@ -33,9 +33,9 @@ def _rows_columns(recipe) -> list[tuple[str, ...]]:  # noqa: ANN001
     its local files), else `text`."""
     if recipe is None or recipe.stage != "finetune":
         return [("text",)]
-    from pofa.data.tasks import get_task
+    from pofa.data.tasks import recipe_task_spec
 
-    columns = [get_task(recipe.task.name).text_fields]
+    columns = [recipe_task_spec(recipe.task).text_fields]
     if recipe.task.text_fields:
         columns.append(tuple(recipe.task.text_fields))
     return columns
@@ -90,29 +90,31 @@ def _task_batches(recipe, tokenizer, max_length: int | None, limit: int) -> tupl
     """The first evaluation split of a fine-tuning recipe's task (the rows fine-tuning scored and checked its own
     export on: the same subset and seed), tokenized and batched as fine-tuning does."""
     from pofa.data.offline import OfflineDataError
-    from pofa.data.tasks import (HubUnreachableError, TaskDataError, get_task, load_task, tokenize_classification,
-                                 tokenize_squad)
+    from pofa.data.tasks import (HubUnreachableError, TaskDataError, load_task, recipe_task_spec, source_columns,
+                                 tokenize_task, with_label_names)
     from pofa.finetune import TaskData, parity_batches
 
     task = recipe.task
-    spec = get_task(task.name)
+    try:
+        spec = recipe_task_spec(task)
+    except ValueError as exc:
+        raise ParityRowsError(f"the recipe's task.{exc}") from None
     files = None
     if task.data_files:
         files = {split: path for split, path in task.data_files.items() if split in spec.eval_splits}
         if not files:
             raise ParityRowsError(f"the recipe's task.data_files has no evaluation split {list(spec.eval_splits)}")
     try:
-        raw = load_task(task.name, data_files=files, text_fields=task.text_fields, label_field=task.label_field,
+        text_fields, label_field = source_columns(spec, task.text_fields, task.label_field)
+        raw = load_task(spec, data_files=files, text_fields=text_fields, label_field=label_field,
                         cache_dir=task.cache_dir, max_eval_examples=task.max_eval_examples, seed=recipe.training.seed)
+        spec = with_label_names(spec, raw)
     except (FileNotFoundError, TaskDataError, HubUnreachableError, OfflineDataError) as exc:
         raise ParityRowsError(f"cannot read the evaluation rows of task {task.name!r} ({exc})") from None
     split = next(s for s in spec.eval_splits if s in raw)
     length = max_length or task.max_seq_length
-    if spec.kind == "classification":
-        features = tokenize_classification(raw[split], tokenizer, spec, length)
-    else:
-        features = tokenize_squad(raw[split], tokenizer, train=False, max_length=length,
-                                  doc_stride=min(task.doc_stride, length // 2))
+    features = tokenize_task(raw[split], tokenizer, spec, train=False, max_length=length,
+                             doc_stride=min(task.doc_stride, length // 2))
     batches = parity_batches(TaskData(spec, raw, None, {split: features}), tokenizer, limit=limit)
     source = f"task {task.name} split {split}" + (f" ({', '.join(files.values())})" if files else "")
     return batches, source
@@ -246,55 +248,199 @@ def export_main(argv: Sequence[str] | None = None) -> int:
 
 
 def push_main(argv: Sequence[str] | None = None) -> int:
-    """`pofa push DIR REPO_ID [--dry-run]`: publish a model folder with its generated model card."""
-    parser = argparse.ArgumentParser(prog="pofa push", description=push_main.__doc__)
-    parser.add_argument("folder", type=Path)
-    parser.add_argument("repo_id")
+    """`pofa push DIR [REPO_ID] [--dry-run]`: publish a model folder with its generated model card.
+
+    The card's base model and data sets are read from DIR/recipe.yaml and the recipes of the local pofa folders it
+    names (`model.name_or_path`), back to a Hub id; --base-model and --dataset add to or override them. REPO_ID and
+    the repository settings default to the recipe's `hub` section (hub.repo_id, hub.private, hub.revision,
+    hub.license, hub.endpoint).
+    """
+    parser = argparse.ArgumentParser(prog="pofa push", description=push_main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("folder", type=Path, help="a final/ folder written by pofa")
+    parser.add_argument("repo_id", nargs="?", help="model repository, OWNER/NAME (default: hub.repo_id of "
+                        "DIR/recipe.yaml)")
     parser.add_argument("--dry-run", action="store_true", help="prepare the folder and card; upload nothing")
-    parser.add_argument("--private", action="store_true")
-    parser.add_argument("--revision", help="branch to push to")
+    parser.add_argument("--private", action=argparse.BooleanOptionalAction, default=None,
+                        help="create the repository private (default: hub.private of the recipe, else public)")
+    parser.add_argument("--revision", help="branch to push to (default: hub.revision of the recipe, else main)")
     parser.add_argument("--base-model", help="Hub id of the model it was made from (default: read from recipe.yaml, "
                         "following the local pofa folders it names back to a Hub id)")
     parser.add_argument("--dataset", action="append", default=[],
                         help="Hub id of a data set used, besides the Hub data sets the recipes name (repeatable)")
-    parser.add_argument("--license", default="apache-2.0")
-    parser.add_argument("--endpoint", help="Hub endpoint (default: HF_ENDPOINT or huggingface.co)")
+    parser.add_argument("--license", help="license of the card's metadata (default: hub.license of the recipe, "
+                        "else apache-2.0)")
+    parser.add_argument("--endpoint", help="Hub endpoint (default: hub.endpoint of the recipe, else HF_ENDPOINT or "
+                        "huggingface.co)")
     args = parser.parse_args(argv)
-    from pofa.hub import HubUnreachableError, PublicationError, push_to_hub
+    from huggingface_hub.errors import HfHubHTTPError
 
+    from pofa.hub import HubUnreachableError, PublicationError, provenance, push_to_hub
+    from pofa.recipe import HubConfig, RecipeError
+
+    folder = args.folder
+    if not folder.is_dir():
+        return _fail(f"{folder}: no such folder (a final/ folder written by pofa)")
     try:
-        where = push_to_hub(args.folder, args.repo_id, private=args.private, revision=args.revision,
-                            dry_run=args.dry_run, endpoint=args.endpoint, base_model=args.base_model,
-                            datasets=args.dataset, license=args.license)
+        recipe = _folder_recipe(folder)
+    except RecipeError as exc:
+        return _fail(str(exc))
+    hub = recipe.hub if recipe is not None else HubConfig()
+    repo_id = args.repo_id or hub.repo_id
+    if not repo_id:
+        return _fail(f"no REPO_ID given, and {folder / RECIPE_FILE} names none (hub.repo_id): pass one, e.g. "
+                     f"`pofa push {folder} my-user/my-model`")
+    try:
+        print(_provenance_lines(provenance(folder), args.base_model, args.dataset))
+        where = push_to_hub(folder, repo_id, private=hub.private if args.private is None else args.private,
+                            revision=args.revision or hub.revision, dry_run=args.dry_run,
+                            endpoint=args.endpoint or hub.endpoint, base_model=args.base_model,
+                            datasets=args.dataset, license=args.license or hub.license)
     except (PublicationError, HubUnreachableError) as exc:
         return _fail(str(exc))
+    except (HfHubHTTPError, OSError) as exc:  # refused by the Hub (401, 403, ...), or no token at all
+        return _fail(f"pushing {folder} to {repo_id} failed: {exc}")
     print(f"{'prepared (dry run)' if args.dry_run else 'pushed'}: {where}")
     return 0
 
 
+def _provenance_lines(found, base_model: str | None, datasets: Sequence[str]) -> str:  # noqa: ANN001 - Provenance
+    """What the card will say about the model's origin, and where that was read from."""
+    chain = " <- ".join(f"{stage} ({folder})" for stage, folder in found.stages) or f"no {RECIPE_FILE}"
+    base = (f"{base_model} (--base-model)" if base_model else found.base_model or found.origin or "unknown")
+    hub_data = list(dict.fromkeys([*found.datasets, *datasets]))
+    lines = [f"recipe chain: {chain}", f"base model: {base}",
+             f"data sets on the Hub: {', '.join(hub_data) or 'none'}"]
+    if found.other_data:
+        lines.append(f"other data: {'; '.join(found.other_data)}")
+    return "\n".join(lines)
+
+
+def recipes_main(argv: Sequence[str] | None = None) -> int:
+    """`pofa recipes [NAME]`: the recipes shipped with pofa, each with its stage and the first sentence of its
+    description; with NAME, that recipe's file (to read, or to copy and edit). Each runs as `pofa pretrain --recipe
+    NAME` (stages teacher and student) or `pofa finetune --recipe NAME` (stage finetune)."""
+    parser = argparse.ArgumentParser(prog="pofa recipes", description=recipes_main.__doc__)
+    parser.add_argument("name", nargs="?", help="print this recipe's file")
+    args = parser.parse_args(argv)
+    import shutil
+    import textwrap
+
+    from pofa.recipe import RECIPES_DIR, RecipeError, recipe_class_for, recipe_description, shipped_recipes
+
+    shipped = shipped_recipes()
+    if args.name is not None:
+        name = args.name.removesuffix(".yaml")
+        if name not in shipped:
+            return _fail(f"no shipped recipe named {args.name!r}; `pofa recipes` lists them")
+        print(f"# {shipped[name]}\n{shipped[name].read_text()}", end="")
+        return 0
+    try:
+        rows = [(name, _recipe_stage(path, recipe_class_for(path)), recipe_description(path))
+                for name, path in shipped.items()]
+    except RecipeError as exc:
+        return _fail(str(exc))
+    width = max(len(name) for name, _, _ in rows) + 2
+    columns = max(shutil.get_terminal_size((120, 24)).columns, width + 40)
+    print(textwrap.fill(f"{len(rows)} recipes shipped with pofa (in {RECIPES_DIR}). Run one by name: `pofa pretrain "
+                        "--recipe NAME` (teacher, student) or `pofa finetune --recipe NAME` (finetune); `pofa recipes "
+                        "NAME` prints it.", width=columns) + "\n")
+    print(f"{'NAME':<{width}}{'STAGE':<10}DESCRIPTION")
+    for name, stage, description in rows:
+        room = columns - width - 10
+        text = description if len(description) <= room else description[: room - 1].rstrip() + "…"
+        print(f"{name:<{width}}{stage:<10}{text}")
+    return 0
+
+
+def _recipe_stage(path: Path, cls: type) -> str:
+    """The stage a recipe file runs: its `stage:` key, else the recipe class's default."""
+    import yaml
+
+    data = yaml.safe_load(path.read_text()) or {}
+    return str(data.get("stage") or cls().stage)
+
+
+STAGE_CLASSES = {"pretrain": "PretrainRecipe", "teacher": "PretrainRecipe", "student": "PretrainRecipe",
+                 "finetune": "FinetuneRecipe"}
+
+
+def recipe_keys_main(argv: Sequence[str] | None = None) -> int:
+    """`pofa recipe-keys [--stage STAGE] [PREFIX]`: every key a recipe may set, with its type, its default and its
+    documentation (the docstrings of pofa/recipe.py), dotted as files nest them and overrides name them
+    (`training.max_steps=200`). PREFIX keeps the keys that start with it (`pruning`, `training.warmup`)."""
+    parser = argparse.ArgumentParser(prog="pofa recipe-keys", description=recipe_keys_main.__doc__)
+    parser.add_argument("prefix", nargs="?", default="", help="only keys that start with this")
+    parser.add_argument("--stage", choices=sorted(STAGE_CLASSES), help="only the recipes of this stage: pretrain "
+                        "(= teacher, student) or finetune (default: both)")
+    args = parser.parse_args(argv)
+    import textwrap
+
+    from pofa import recipe as recipes
+
+    wanted = [STAGE_CLASSES[args.stage]] if args.stage else ["PretrainRecipe", "FinetuneRecipe"]
+    found = 0
+    for class_name in wanted:
+        cls = getattr(recipes, class_name)
+        keys = [k for k in recipes.recipe_keys(cls) if k.key.startswith(args.prefix)]
+        found += len(keys)
+        if not keys:
+            continue
+        command = "pofa finetune" if class_name == "FinetuneRecipe" else "pofa pretrain"
+        print(f"== {class_name} (`{command} --recipe R`): {' '.join(cls.__doc__.split())}\n")
+        for k in keys:
+            head = f"{k.key}:" if k.type == "section" else f"{k.key}  ({k.type}; default {k.default})"
+            print(head)
+            if k.doc:
+                print(textwrap.fill(" ".join(k.doc.split()), width=116, initial_indent="    ",
+                                    subsequent_indent="    "))
+        print()
+    if not found:
+        return _fail(f"no recipe key starts with {args.prefix!r}; `pofa recipe-keys` lists them all")
+    return 0
+
+
 def bench_main(argv: Sequence[str] | None = None) -> int:
-    """`pofa bench-inference MODEL [--onnx PATH]`: latency of dense fp32, sparse kernels and int8 ONNX, as ratios."""
-    parser = argparse.ArgumentParser(prog="pofa bench-inference", description=bench_main.__doc__)
-    parser.add_argument("model", help="a model folder (sparse weights)")
-    parser.add_argument("--onnx", type=Path, help=f"an int8 ONNX export of the same model (e.g. a QAT folder's "
-                        f"{ONNX_FILE})")
+    """`pofa bench-inference MODEL [--qat DIR] [--onnx PATH]`: latency of pofa's sparse runtimes and of what a user
+    would run instead (dense torch, dense onnxruntime fp32 and int8), alternated in one process, as ratios.
+
+    MODEL is a model folder: a QAT folder (its compact checkpoint is int8) gives every variant, its own ONNX export
+    included when it has one; a float sparse folder gives the dense and sparse fp32 variants, plus the int8 ones
+    with --qat (the QAT folder of the same model) and --onnx (pofa's int8 export).
+    """
+    from pofa.runtime import VARIANTS, benchmark_latency
+
+    parser = argparse.ArgumentParser(prog="pofa bench-inference", description=bench_main.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", type=Path, help="a model folder (sparse weights; a QAT folder for every variant)")
+    parser.add_argument("--qat", type=Path, help="the QAT folder of the same model (sparse int8 and pofa int8 ONNX)")
+    parser.add_argument("--onnx", type=Path, help=f"pofa's int8 ONNX export of the model (default: MODEL's or "
+                        f"--qat's {ONNX_FILE} if there, else exported from the QAT model)")
+    parser.add_argument("--variants", help=f"comma-separated subset of {','.join(VARIANTS)} (default: all that the "
+                        "folders allow)")
     parser.add_argument("--batch-sizes", default="1,8")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--json", type=Path, help="also write the rows to this file")
     args = parser.parse_args(argv)
-    from pofa.runtime import benchmark_latency
-
-    if not Path(args.model).is_dir():
-        return _fail(f"model folder not found: {args.model}")
+    for folder in (args.model, args.qat):
+        if folder is not None and not folder.is_dir():
+            return _fail(f"model folder not found: {folder}")
     if args.onnx is not None and not args.onnx.is_file():
         return _fail(f"ONNX file not found: {args.onnx}")
-    rows = benchmark_latency(args.model, batch_sizes=[int(b) for b in args.batch_sizes.split(",")],
-                             seq_len=args.seq_len, onnx_int8_path=args.onnx, repeats=args.repeats)
-    print(f"{'batch':>5} {'variant':<14} {'latency ms':>11} {'vs dense fp32':>14}")
+    onnx = args.onnx or next((f / ONNX_FILE for f in (args.qat, args.model) if f and (f / ONNX_FILE).is_file()), None)
+    variants = args.variants.split(",") if args.variants else None
+    try:
+        rows = benchmark_latency(args.model, qat_model=args.qat, onnx_int8_path=onnx, variants=variants,
+                                 batch_sizes=[int(b) for b in args.batch_sizes.split(",")], seq_len=args.seq_len,
+                                 repeats=args.repeats)
+    except ValueError as exc:
+        return _fail(str(exc))
+    print(f"{'batch':>5} {'variant':<18} {'latency ms':>11} {'vs torch_fp32_dense':>20} {'vs ort_int8_dense':>18}")
     for row in rows:
-        print(f"{row['batch_size']:>5} {row['variant']:<14} {row['latency_ms']:>11.1f} "
-              f"{row['speedup_vs_dense']:>13.2f}x")
+        dense, user = (row.get(k) for k in ("speedup_vs_dense", "speedup_vs_ort_int8_dense"))
+        print(f"{row['batch_size']:>5} {row['variant']:<18} {row['latency_ms']:>11.1f} "
+              f"{(f'{dense:.2f}x' if dense else '-'):>20} {(f'{user:.2f}x' if user else '-'):>18}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

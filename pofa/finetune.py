@@ -1,11 +1,13 @@
 """Sparse transfer: fine-tune a sparse pre-trained model on a downstream task without losing a single zero.
 
-    accelerate launch pofa/finetune.py --recipe recipes/quickstart-finetune.yaml [--seeds 1,2,3] [KEY=VALUE ...]
-    pofa finetune --recipe RECIPE.yaml
+    accelerate launch -m pofa.finetune --recipe quickstart-finetune [--seeds 1,2,3] [KEY=VALUE ...]
+    pofa finetune --recipe RECIPE          (RECIPE: a YAML file, or a shipped recipe's name)
 
 The loop is the pre-training loop's shape with a task head:
 
     masks  <- masks.safetensors of the model folder, or its zeros      (sparsity.masks: auto | file | zeros | none)
+              [the file's N:M pattern, e.g. 2:4, is kept and checked]
+    [apply_recipe_(model, decomposition)]                              low-rank / Kronecker / tensor (pofa.decompose)
     guard  <- MaskGuard(model, masks)                                  gradient hooks: pruned gradients are zero
     [prepare_qat_(model)]                                              fake int8 on the encoder Linears (QAT)
     for step in range(max_steps):
@@ -31,13 +33,19 @@ import torch
 from pofa.artifacts import (COMPACT_FILE, EVAL_RESULTS_FILE, MASKS_FILE, ONNX_FILE, SEEDS_FILE, SPARSITY_FILE)
 from pofa.checkpoint import OutputDirError
 from pofa.data.mlm import batch_indices
-from pofa.loop import LossWindow, lr_multiplier, micro_step, steps_for_epochs
-from pofa.modeling import ModelLoadError, load_tokenizer, resolve_model_path
+from pofa.decompose import apply_recipe_
+from pofa.families import FamilyError
+from pofa.hub import PublicationError
+from pofa.loop import LossWindow, learning_rate_factor, micro_step, steps_for_epochs
+from pofa.modeling import ModelLoadError, load_config, load_tokenizer, resolve_model_path
 from pofa.recipe import FinetuneRecipe, RecipeError, load_recipe
+from pofa.sparsity.lock import find_mask_file, without_absent_pooler
+from pofa.sparsity.pruner import Pruner
 from pofa.stage import Stage, format_metrics
 
 RESUME_KEYS = ["model", "task", "training.seed", "training.per_device_batch_size",
-               "training.gradient_accumulation_steps", "sparsity", "distillation", "quantization"]
+               "training.gradient_accumulation_steps", "sparsity", "distillation", "quantization", "pruning",
+               "decomposition"]
 
 
 @dataclass
@@ -67,39 +75,71 @@ class TaskData:
 
 
 def load_task_data(recipe: FinetuneRecipe, tokenizer) -> TaskData:
-    from pofa.data.tasks import get_task, load_task, tokenize_classification, tokenize_squad
+    """The recipe's task (its spec with the label names settled), its examples and their model features.
+    A task the recipe cannot describe, or a column it names that the data lacks, is a RecipeError naming the
+    `task.` field."""
+    from pofa.data.tasks import (TASKS, MissingColumnError, load_task, recipe_task_spec, source_columns,
+                                 tokenize_task, with_label_names)
 
     task = recipe.task
     try:
-        spec = get_task(task.name)
-    except (KeyError, ValueError) as exc:
-        raise RecipeError(f"task.name: {exc}") from None
+        spec = recipe_task_spec(task)
+    except ValueError as exc:
+        raise RecipeError(f"task.{exc}") from None
+    if spec.hub_path is None and not task.data_files and spec.name not in TASKS:
+        raise RecipeError(f"task.data_files: task {spec.name!r} has no data: give task.dataset (a Hub data set) or "
+                          "task.data_files (local files by split)")
     if task.max_seq_length > tokenizer.model_max_length:
         raise RecipeError(f"task.max_seq_length: {task.max_seq_length} exceeds the model's maximum of "
                           f"{tokenizer.model_max_length} tokens ({recipe.model.name_or_path})")
-    raw = load_task(task.name, data_files=task.data_files or None, text_fields=task.text_fields,
-                    label_field=task.label_field, cache_dir=task.cache_dir,
-                    max_train_examples=task.max_train_examples, max_eval_examples=task.max_eval_examples,
-                    seed=recipe.training.seed)
-    if spec.kind == "classification":
-        train = tokenize_classification(raw["train"], tokenizer, spec, task.max_seq_length)
-        evals = {s: tokenize_classification(raw[s], tokenizer, spec, task.max_seq_length) for s in spec.eval_splits}
-    else:
-        train = tokenize_squad(raw["train"], tokenizer, train=True, max_length=task.max_seq_length,
-                               doc_stride=task.doc_stride)
-        evals = {s: tokenize_squad(raw[s], tokenizer, train=False, max_length=task.max_seq_length,
-                                   doc_stride=task.doc_stride) for s in spec.eval_splits}
-    return TaskData(spec, raw, train, evals)
+    text_fields, label_field = source_columns(spec, task.text_fields, task.label_field)
+    try:
+        raw = load_task(spec, data_files=task.data_files or None, text_fields=text_fields, label_field=label_field,
+                        cache_dir=task.cache_dir, max_train_examples=task.max_train_examples,
+                        max_eval_examples=task.max_eval_examples, seed=recipe.training.seed)
+    except MissingColumnError as exc:
+        raise RecipeError(f"task.{exc.field}: {exc}") from None
+    if "train" not in raw:
+        raise RecipeError(f"task.data_files: no training split 'train' (given: {sorted(task.data_files)})")
+    missing = [split for split in spec.eval_splits if split not in raw]
+    if missing:
+        raise RecipeError(f"task.data_files: no evaluation split {missing} (task.eval_splits: "
+                          f"{list(spec.eval_splits)})")
+    spec = with_label_names(spec, raw)
+    features = {split: tokenize_task(raw[split], tokenizer, spec, train=split == "train",
+                                     max_length=task.max_seq_length, doc_stride=task.doc_stride)
+                for split in spec.splits}
+    return TaskData(spec, raw, features["train"], {s: features[s] for s in spec.eval_splits})
 
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "labels", "start_positions", "end_positions")
 
 
 def collate(features, rows, tokenizer) -> dict[str, torch.Tensor]:
-    """Pad the selected rows of a tokenized dataset into a batch of model inputs."""
+    """Pad the selected rows of a tokenized dataset into a batch of model inputs. Labels stay as the task has
+    them: class ids (long), scores (float32), or one label per token, padded with the ignored label -100 on the
+    tokenizer's padding side."""
     batch = features[rows if isinstance(rows, list) else [int(i) for i in rows]]
     batch = {k: v for k, v in batch.items() if k in MODEL_INPUTS}
-    return dict(tokenizer.pad(batch, return_tensors="pt"))
+    labels = batch.pop("labels", None)
+    padded = dict(tokenizer.pad(batch, return_tensors="pt"))
+    if labels is not None:
+        padded["labels"] = label_tensor(labels, padded["input_ids"].shape[1], tokenizer.padding_side)
+    return padded
+
+
+def label_tensor(labels: list, width: int, padding_side: str = "right") -> torch.Tensor:
+    """A batch's labels as a tensor: per-token lists padded to `width` with -100 (the ignored label), float
+    scores as float32 (the regression loss needs the logits' dtype), class ids as int64."""
+    from pofa.data.tasks import IGNORED_LABEL
+
+    if labels and isinstance(labels[0], list):
+        pad = [[IGNORED_LABEL] * (width - len(row)) for row in labels]
+        rows = [p + row if padding_side == "left" else row + p for row, p in zip(labels, pad)]
+        return torch.tensor(rows, dtype=torch.long)
+    if labels and isinstance(labels[0], float):
+        return torch.tensor(labels, dtype=torch.float32)
+    return torch.tensor(labels, dtype=torch.long)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -108,37 +148,37 @@ def collate(features, rows, tokenizer) -> dict[str, torch.Tensor]:
 
 
 def load_task_model(name_or_path: str, spec, revision: str | None = None):
-    from transformers import AutoModelForQuestionAnswering, AutoModelForSequenceClassification
+    """The model with the head of the task's kind: sequence classification (num_labels and the label set as
+    id2label / label2id in its config), sequence classification with one output and problem_type regression,
+    token classification (the tag set as id2label), or extractive QA (start and end logits)."""
+    from transformers import (AutoModelForQuestionAnswering, AutoModelForSequenceClassification,
+                              AutoModelForTokenClassification)
+
+    from pofa.modeling import load_pretrained  # a decomposed folder is rebuilt before its weights load
 
     path = resolve_model_path(name_or_path)
+    labels = {"id2label": dict(enumerate(spec.label_names)), "label2id": {n: i for i, n in enumerate(spec.label_names)}}
     try:
         if spec.kind == "classification":
-            return AutoModelForSequenceClassification.from_pretrained(
-                path, revision=revision, num_labels=spec.num_labels,
-                id2label=dict(enumerate(spec.label_names)), label2id={n: i for i, n in enumerate(spec.label_names)})
-        return AutoModelForQuestionAnswering.from_pretrained(path, revision=revision)
+            return load_pretrained(AutoModelForSequenceClassification, path, revision=revision,
+                                   num_labels=spec.num_labels, **labels)
+        if spec.kind == "regression":
+            return load_pretrained(AutoModelForSequenceClassification, path, revision=revision, num_labels=1,
+                                   problem_type="regression")
+        if spec.kind == "token_classification":
+            return load_pretrained(AutoModelForTokenClassification, path, revision=revision,
+                                   num_labels=spec.num_labels, **labels)
+        return load_pretrained(AutoModelForQuestionAnswering, path, revision=revision)
     except (OSError, ValueError) as exc:
         from pofa.modeling import _explain
 
         raise _explain(path, "model", exc) from None
 
 
-def find_mask_file(name_or_path: str, revision: str | None = None) -> Path | None:
-    """The model's masks.safetensors: in its folder, or on the Hub for a Hub id (None when it has none)."""
-    path = Path(resolve_model_path(name_or_path))
-    if path.is_dir():
-        return path / MASKS_FILE if (path / MASKS_FILE).is_file() else None
-    try:
-        from huggingface_hub import hf_hub_download
-
-        return Path(hf_hub_download(name_or_path, MASKS_FILE, revision=revision))
-    except Exception:  # noqa: BLE001 - no mask file on the Hub, or no network: the zeros will be used
-        return None
-
-
 def locked_masks(recipe: FinetuneRecipe, model):
     """The MaskStore that fine-tuning must keep, per `sparsity.masks`; None for dense fine-tuning."""
-    from pofa.sparsity import DEFAULT_TARGETS, POOLER_TARGET, MaskStore, check_masks
+    from pofa.families import pruning_targets
+    from pofa.sparsity import MaskStore, check_masks
 
     mode = recipe.sparsity.masks
     if mode == "none":
@@ -151,26 +191,14 @@ def locked_masks(recipe: FinetuneRecipe, model):
         store = without_absent_pooler(MaskStore.load(mask_file), model)
         check_masks(model, store)  # the weights must already be zero where the masks say pruned
         return store
-    include = list(recipe.sparsity.include or DEFAULT_TARGETS) + ([POOLER_TARGET] if recipe.sparsity.pooler else [])
+    include = pruning_targets(model, recipe.sparsity.include, recipe.sparsity.exclude, pooler=recipe.sparsity.pooler,
+                              section="sparsity")
     store = MaskStore.from_zeros(model.named_parameters(), include=include, exclude=recipe.sparsity.exclude)
     if store.sparsity() < 0.01:
         _warn(f"{recipe.model.name_or_path} has {store.sparsity():.2%} zeros in its targeted weights: there is "
               "nothing to lock, this fine-tuning is dense. Point model.name_or_path at a sparse pre-trained model "
               "(from `pofa pretrain` with pruning), or set sparsity.masks: none to silence this")
     return store
-
-
-def without_absent_pooler(store, model):
-    """The store without the pooler's mask when the task model has no pooler (extractive QA heads read every
-    position, not the pooled [CLS]); every other mask must bind."""
-    import re
-
-    from pofa.sparsity import POOLER_TARGET, MaskStore
-
-    names = {name for name, _ in model.named_parameters()}
-    if any(re.search(POOLER_TARGET, name) for name in names):
-        return store
-    return MaskStore({name: mask for name, mask in store.items() if not re.search(POOLER_TARGET, name)})
 
 
 def zero_pattern(model, store) -> dict[str, torch.Tensor]:
@@ -185,33 +213,60 @@ def zero_pattern(model, store) -> dict[str, torch.Tensor]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def task_loss(model, batch, teacher, recipe: FinetuneRecipe, is_qa: bool):
+def task_loss(model, batch, teacher, recipe: FinetuneRecipe, kind: str, layers=None, projection=None):
     """Task loss, with distillation from the teacher when one is given.
 
-    Classification distils the class distribution of each example (`kd_loss`); extractive QA distils the start and
-    the end distributions over each example's positions, padding excluded (`span_kd_loss`), weighted 1/2 each as the
-    authors' code. Everything stays on the device: no host sync in the step.
+    Classification distils the class distribution of each example (`kd_loss`); token classification that of each
+    labelled token (first sub-tokens; `kd_loss` with the label mask); regression matches the teacher's score (mean
+    squared error, no temperature); extractive QA distils the start and the end distributions over each example's
+    positions, padding excluded (`span_kd_loss`), weighted 1/2 each as the authors' code. With `layers` (the layer
+    map's pairs), hidden states (through `projection`) and attentions are distilled too (`intermediate_loss`).
+    Everything stays on the device: no host sync in the step.
     """
-    outputs = model(**batch)
+    internals = {}
+    if layers is not None:
+        internals = {"output_hidden_states": True,
+                     "output_attentions": recipe.distillation.attention_weight > 0}
+    outputs = model(**batch, **internals)
     if teacher is None:
         return outputs.loss
-    from pofa.distill import kd_loss, span_kd_loss
+    from pofa.distill import intermediate_loss, kd_loss, span_kd_loss
 
     inputs = {k: v for k, v in batch.items() if k not in ("labels", "start_positions", "end_positions")}
     with torch.no_grad():
-        teacher_out = teacher(**inputs)
+        teacher_out = teacher(**inputs, **internals)
     k = recipe.distillation
-    if is_qa:
+    intermediate = 0.0
+    if layers is not None:
+        intermediate, _ = intermediate_loss(outputs.hidden_states, teacher_out.hidden_states, outputs.attentions,
+                                            teacher_out.attentions, pairs=layers, mask=batch["attention_mask"].bool(),
+                                            hidden_weight=k.hidden_weight, attention_weight=k.attention_weight,
+                                            projection=projection)
+    if kind == "question_answering":
         valid = batch["attention_mask"].bool()
         soft = sum(span_kd_loss(getattr(outputs, f), getattr(teacher_out, f), temperature=k.temperature, valid=valid)
                    for f in ("start_logits", "end_logits")) / 2
+    elif kind == "regression":
+        soft = torch.nn.functional.mse_loss(outputs.logits.float(), teacher_out.logits.detach().float())
+    elif kind == "token_classification":
+        soft = kd_loss(outputs.logits, teacher_out.logits, temperature=k.temperature, mask=batch["labels"] != -100)
     else:
         soft = kd_loss(outputs.logits, teacher_out.logits, temperature=k.temperature)
-    return k.hard_weight * outputs.loss.float() + k.soft_weight * soft
+    return k.hard_weight * outputs.loss.float() + k.soft_weight * soft + intermediate
 
 
-def predict(model, features, tokenizer, accelerator, batch_size: int, is_qa: bool) -> list[np.ndarray]:
-    """Logits for every feature, in order ([N, C] for classification; start and end [N, L] for QA)."""
+def _stack_rows(rows: list[np.ndarray], fill: float) -> np.ndarray:
+    """Per-feature arrays as one array; rows of different lengths (unpadded windows or sentences) are padded at
+    the end of their first axis with `fill`."""
+    width = max(row.shape[0] for row in rows)
+    return np.stack([np.pad(row, [(0, width - row.shape[0])] + [(0, 0)] * (row.ndim - 1), constant_values=fill)
+                     for row in rows])
+
+
+def predict(model, features, tokenizer, accelerator, batch_size: int, kind: str) -> list[np.ndarray]:
+    """Outputs for every feature, in order: logits [N, C] (classification; regression C = 1), [N, L, C] (token
+    classification, positions past a row's end padded with 0), or start and end logits [N, L] (QA, padded with
+    -1e9 so that no decoding picks them)."""
     from accelerate.utils import gather_object
 
     model.eval()
@@ -220,6 +275,7 @@ def predict(model, features, tokenizer, accelerator, batch_size: int, is_qa: boo
     shard = -(-len(features) // accelerator.num_processes)
     indices += [-1] * (shard - len(indices))
     local: list[tuple[int, tuple[np.ndarray, ...]]] = []
+    is_qa = kind == "question_answering"
     with torch.no_grad():
         for start in range(0, len(indices), batch_size):
             rows = indices[start : start + batch_size]
@@ -232,31 +288,21 @@ def predict(model, features, tokenizer, accelerator, batch_size: int, is_qa: boo
             local += [(row, tuple(p[i] for p in parts)) for i, row in enumerate(rows) if row >= 0]
     model.train()
     gathered = sorted(gather_object(local) if accelerator.num_processes > 1 else local, key=lambda x: x[0])
-    n_parts = 2 if is_qa else 1
-    if is_qa:  # windows have different lengths only when unpadded: pad the logits with -inf
-        width = max(len(g[1][0]) for g in gathered)
-        return [np.stack([np.pad(g[1][p], (0, width - len(g[1][p])), constant_values=-1e9) for g in gathered])
-                for p in range(n_parts)]
-    return [np.stack([g[1][0] for g in gathered])]
+    return [_stack_rows([g[1][p] for g in gathered], -1e9 if is_qa else 0.0) for p in range(len(gathered[0][1]))]
 
 
 def evaluate(model, data: TaskData, tokenizer, accelerator, recipe: FinetuneRecipe) -> dict[str, float]:
-    """The task's metrics on every evaluation split, keyed `split/metric` (accuracy and F1 in 0-1, SQuAD 0-100)."""
-    from pofa.data.tasks import postprocess_squad_predictions, squad_references
-    from pofa.metrics import classification_metrics, squad_metrics
+    """The task's metrics on every evaluation split, keyed `split/metric` (`pofa.data.tasks.score_predictions`:
+    accuracy, F1 and entity scores in 0-1, correlations in -1..1, SQuAD in 0-100)."""
+    from pofa.data.tasks import score_predictions
 
-    is_qa = data.spec.kind == "extractive_qa"
     results: dict[str, float] = {}
     for split, features in data.evals.items():
-        logits = predict(model, features, tokenizer, accelerator, recipe.training.eval_batch_size, is_qa)
-        if is_qa:
-            answers = postprocess_squad_predictions(data.raw[split], features, logits[0], logits[1],
-                                                    n_best_size=recipe.task.n_best_size,
-                                                    max_answer_length=recipe.task.max_answer_length)
-            metrics = squad_metrics(answers, squad_references(data.raw[split]))
-        else:
-            metrics = classification_metrics(logits[0].argmax(-1), np.asarray(features["labels"]),
-                                              data.spec.metrics)
+        outputs = predict(model, features, tokenizer, accelerator, recipe.training.eval_batch_size, data.spec.kind)
+        metrics = score_predictions(data.spec, data.raw[split], features, outputs,
+                                    n_best_size=recipe.task.n_best_size,
+                                    max_answer_length=recipe.task.max_answer_length,
+                                    null_score_diff_threshold=recipe.task.null_score_diff_threshold)
         results.update({f"{split}/{name}": value for name, value in metrics.items()})
     return results
 
@@ -270,45 +316,62 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     """Fine-tune per the recipe; returns the final folder, the evaluation metrics and the locked sparsity."""
     t, k = recipe.training, recipe.distillation
     run = Stage.start(recipe, resume=resume, overwrite=overwrite)
-    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path, recipe.model.revision)
+    tokenizer = load_tokenizer(recipe.model.tokenizer or recipe.model.name_or_path, recipe.model.revision,
+                               inputs_for=load_config(recipe.model.name_or_path, recipe.model.revision))
     with run.accelerator.main_process_first():
         data = load_task_data(recipe, tokenizer)
-    is_qa = data.spec.kind == "extractive_qa"
+    kind = data.spec.kind
     torch.manual_seed(t.seed)
     model = load_task_model(recipe.model.name_or_path, data.spec, recipe.model.revision)
+    if (decomposed := apply_recipe_(model, recipe.decomposition)) is not None:  # before masks, QAT, optimizer
+        run.log(decomposed)
     store = locked_masks(recipe, model)
     pattern_before = zero_pattern(model, store) if store is not None else None
     teacher = run.load_teacher(lambda: load_task_model(k.teacher, data.spec), model) if k.teacher else None
+    layers, projection = attach_intermediate_distillation(recipe, model, teacher)
     plan = run.plan_steps(t.max_steps or steps_for_epochs(
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_processes=run.accelerator.num_processes))
+    check_pruning_fits(recipe, plan.max_steps)
     qat_config = prepare_quantization(recipe, model, plan.max_steps)
     if len(data.train) < plan.per_device_batch_size * plan.num_processes:
         raise RecipeError(f"training.per_device_batch_size: the training set has {len(data.train)} examples, fewer "
                           f"than one batch of {plan.per_device_batch_size} x {plan.num_processes} processes")
 
     run.open()
-    prepared = run.prepare(model, model)
-    guard = None
+    prepared = run.prepare(model)
+    guard, pruner = None, None
     if store is not None:
         from pofa.sparsity import MaskGuard, check_masks
 
         guard = MaskGuard(model, store, gradients="step")  # the loop masks once per optimizer step
         guard.enforce_(run.optimizer)
         check_masks(model, store)
+    elif recipe.pruning.enabled:  # downstream pruning: the masks grow from dense during fine-tuning
+        pruner = Pruner(recipe.pruning, model)
+        store, guard = pruner.store, pruner.guard
+        run.register(pruner.save, pruner.load)
     step = run.resume(RESUME_KEYS)["step"]
     if guard is not None and step > 0:
         guard.enforce_(run.optimizer)
-    locked = f"locked sparsity {store.sparsity():.2%} over {len(store)} weights" if store is not None else "dense"
+    locked = (f"locked sparsity {store.sparsity():.2%} ({store.pattern}) over {len(store)} weights"
+              if store is not None else "dense")
+    if pruner is not None:
+        locked = (f"pruning {len(store)} weights to {recipe.pruning.target_sparsity:.0%} "
+                  f"(steps {recipe.pruning.start_step}-{recipe.pruning.end_step})")
     run.log(f"finetune {data.spec.name}: {recipe.model.name_or_path}, {locked}; {len(data.train)} training "
             f"features, {plan.max_steps} steps x {plan.global_batch_size}"
             f"{', distilling from ' + k.teacher if teacher is not None else ''}{', QAT int8' if qat_config else ''}")
 
     prepared.train()
     window, metrics = LossWindow(), None
-    while step < plan.max_steps:
-        run.set_lr(lr_multiplier(step, max_steps=plan.max_steps, warmup_steps=plan.warmup_steps,
-                                 schedule=t.lr_schedule))
+    while True:
+        if pruner is not None and pruner.is_event(step):
+            run.log(pruner.prune(step, run.optimizer))
+        if step >= plan.max_steps:
+            break
+        run.set_lr(learning_rate_factor(step, max_steps=plan.max_steps, warmup_steps=plan.warmup_steps,
+                                        schedule=t.lr_schedule, pruning=recipe.pruning))
         for accumulation_index in range(t.gradient_accumulation_steps):
             rows = batch_indices(plan.micro_step(step, accumulation_index), num_examples=len(data.train),
                                  per_device_batch_size=t.per_device_batch_size,
@@ -316,10 +379,13 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
                                  process_index=run.accelerator.process_index, seed=t.seed)
             batch = {key: v.to(run.accelerator.device) for key, v in collate(data.train, rows, tokenizer).items()}
             window.add(micro_step(run.accelerator, prepared, run.optimizer,
-                                  lambda: task_loss(prepared, batch, teacher, recipe, is_qa), t.max_grad_norm,
+                                  lambda: task_loss(prepared, batch, teacher, recipe, kind, layers, projection),
+                                  t.max_grad_norm,
                                   before_clip=guard.mask_gradients_ if guard is not None else None))
         step += 1
         run.stepped(plan.global_batch_size)
+        if pruner is not None:
+            pruner.stepped(run.lr, t.weight_decay, run.accelerator.optimizer_step_was_skipped)
         if qat_config is not None:
             from pofa.quant import qat_step_
 
@@ -334,11 +400,42 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
             run.save(step, {})
     if metrics is None:  # resumed at the end: nothing was trained in this process
         metrics = evaluate(prepared, data, tokenizer, run.accelerator, recipe)
-    if store is not None:
+    if pruner is not None:
+        from pofa.sparsity import check_masks
+
+        check_masks(model, store)
+    elif store is not None:
         check_pattern_kept(model, store, guard, pattern_before)
     final_dir = run.finish(step, {}, final_writer(run, model, tokenizer, store, metrics, data))
     return FinetuneResult(run.output_dir, final_dir, metrics, store.sparsity() if store is not None else None,
                           run.seconds())
+
+
+# The hidden-state distillation's projection rides on the task model (so that DDP, the optimizer and checkpoints see
+# it) under this name, and is left out of the final model.
+PROJECTION = "pofa_hidden_projection"
+
+
+def attach_intermediate_distillation(recipe: FinetuneRecipe, model, teacher):
+    """The layer pairs and projection of `distillation.hidden_weight` / `attention_weight` (`pofa.distill.
+    intermediate_distillation`); a projection is attached to `model` as `PROJECTION`."""
+    from pofa.distill import intermediate_distillation
+
+    try:
+        layers, projection = intermediate_distillation(recipe.distillation, model, teacher)
+    except ValueError as exc:  # depths that the layer map cannot pair
+        raise RecipeError(str(exc)) from None
+    if projection is not None:
+        model.add_module(PROJECTION, projection)
+    return layers, projection
+
+
+def check_pruning_fits(recipe: FinetuneRecipe, max_steps: int) -> None:
+    """Downstream pruning must reach its target within the run (its length is known only with the data)."""
+    p = recipe.pruning
+    if p.enabled and p.end_step > max_steps:
+        raise RecipeError(f"pruning.end_step: {p.end_step} is beyond the run's {max_steps} optimizer steps; the "
+                          "target sparsity would not be reached (lower it, or train longer)")
 
 
 def prepare_quantization(recipe: FinetuneRecipe, model, max_steps: int):
@@ -386,7 +483,9 @@ def final_writer(run: Stage, model, tokenizer, store, metrics, data: TaskData):
     process; the returned function writes on the main process only.
     """
     recipe = run.recipe
-    state_dict = run.accelerator.get_state_dict(model)
+    # The distillation projection trained beside the model is not part of it.
+    state_dict = {k: v for k, v in (run.accelerator.get_state_dict(model) or {}).items()
+                  if not k.startswith(f"{PROJECTION}.")}
     report = None
     if store is not None:
         from pofa.sparsity import sparsity_report
@@ -395,6 +494,7 @@ def final_writer(run: Stage, model, tokenizer, store, metrics, data: TaskData):
 
     def write(folder: Path) -> None:
         unwrapped = run.accelerator.unwrap_model(model)
+        unwrapped._modules.pop(PROJECTION, None)  # nothing trains after this: the model is published without it
         qat_buffers = _qat_buffer_keys(unwrapped)  # observer state: in checkpoints, not in the plain HF folder
         unwrapped.save_pretrained(folder, state_dict={k: v for k, v in state_dict.items() if k not in qat_buffers},
                                   safe_serialization=True)
@@ -447,6 +547,9 @@ def finetune_seeds(recipe: FinetuneRecipe, seeds: Sequence[int], *, resume: bool
     """Run one fine-tuning per seed under `output_dir/seed-N`; write and return each seed's metrics and the mean."""
     from pofa.metrics import aggregate_seeds
 
+    if recipe.hub.repo_id:  # one repository cannot hold several models: the user picks which seed to publish
+        raise RecipeError(f"hub.repo_id: --seeds makes {len(seeds)} models; run without hub.repo_id and publish the "
+                          "one you choose with `pofa push OUTPUT_DIR/seed-N/final REPO_ID`")
     root = Path(recipe.training.output_dir)
     runs = {}
     for seed in seeds:
@@ -485,7 +588,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             finetune_seeds(recipe, parse_seeds(args.seeds), resume=args.resume, overwrite=args.overwrite)
         else:
             finetune(recipe, resume=args.resume, overwrite=args.overwrite)
-    except (RecipeError, ModelLoadError, OutputDirError, TaskDataError, ConnectionError) as exc:
+    except (RecipeError, ModelLoadError, OutputDirError, TaskDataError, ConnectionError, FamilyError,
+            PublicationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

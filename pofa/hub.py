@@ -42,8 +42,10 @@ from pofa.artifacts import (CARD_FILE, COMPACT_FILE, EVAL_RESULTS_FILE, MASKS_FI
 __all__ = [
     "HubUnreachableError",
     "PublicationError",
+    "Provenance",
     "build_model_card",
     "prepare_publication",
+    "provenance",
     "publication_files",
     "push_to_hub",
 ]
@@ -90,7 +92,8 @@ _HEADS = (
 )
 
 # A task kind of pofa.data.tasks -> the Hub task type of `model-index`.
-_TASK_TYPES = {"classification": "text-classification", "extractive_qa": "question-answering"}
+_TASK_TYPES = {"classification": "text-classification", "regression": "text-classification",
+               "token_classification": "token-classification", "question_answering": "question-answering"}
 
 # Embedded models (pofa.modeling.EMBEDDED_MODELS) -> the Hub model their package ships.
 _EMBEDDED_HUB_IDS = {"embedded:minilm": "sentence-transformers/all-MiniLM-L6-v2"}
@@ -438,13 +441,13 @@ def _offline_source(task: str) -> _DataSource:
 
 def _task_source(recipe: Any) -> _DataSource:
     """Where a fine-tuning recipe's task data came from: local files, the Hub, or pofa's offline sets."""
-    from pofa.data.tasks import get_task
+    from pofa.data.tasks import recipe_task_spec
 
     task = recipe.task
     try:
-        spec = get_task(task.name)
+        spec = recipe_task_spec(task)
     except ValueError as exc:
-        raise PublicationError(f"{RECIPE_FILE}: task.name: {exc}") from None
+        raise PublicationError(f"{RECIPE_FILE}: task.{exc}") from None
     if task.data_files:
         files = ", ".join(f"`{Path(path).name}` ({split})" for split, path in task.data_files.items())
         return _DataSource(None, None, f"local:{spec.name}", f"{spec.name} (local files)",
@@ -484,6 +487,36 @@ def _corpus_sources(recipe: Any) -> list[_DataSource]:
 
 def _stage_sources(stage: _Stage) -> list[_DataSource]:
     return [_task_source(stage.recipe)] if stage.recipe.stage == "finetune" else _corpus_sources(stage.recipe)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a pofa model folder comes from, read from its recipe chain (what `pofa push` puts in the card)."""
+
+    stages: list[tuple[str, Path]]
+    """(stage, folder) of each pofa stage that made the model, this folder's first."""
+    base_model: str | None
+    """The Hub id the chain starts from; None when it does not start from one (`origin` then says what it is)."""
+    origin: str | None
+    datasets: list[str]
+    """Hub ids of the data sets the stages loaded from the Hub, in order, once each."""
+    other_data: list[str]
+    """Data that did not come from the Hub (local files, PyPI archives), by name."""
+
+
+def provenance(folder: Path) -> Provenance:
+    """The base model and data sets of the model in `folder`, from its recipe.yaml and the recipes of the local
+    pofa folders it names (`model.name_or_path`), back to a Hub id. Raises PublicationError when the folder's own
+    recipe.yaml cannot be read."""
+    lineage = _lineage(Path(folder))
+    sources = [source for stage in lineage.stages for source in _stage_sources(stage)]
+    return Provenance(
+        stages=[(stage.recipe.stage, stage.folder) for stage in lineage.stages],
+        base_model=lineage.base_model,
+        origin=lineage.origin,
+        datasets=list(dict.fromkeys(s.hub_id for s in sources if s.hub_id)),
+        other_data=list(dict.fromkeys(s.name for s in sources if not s.hub_id)),
+    )
 
 
 def _stage_title(stage: _Stage) -> str:
@@ -528,9 +561,9 @@ def _eval_results(path: Path, lineage: _Lineage) -> tuple[list[EvalResult], _Dat
         )
     if data.get("task") != recipe.task.name:
         raise PublicationError(f"{path}: task {data.get('task')!r} is not the recipe's task {recipe.task.name!r}")
-    from pofa.data.tasks import get_task
+    from pofa.data.tasks import recipe_task_spec
 
-    spec = get_task(recipe.task.name)
+    spec = recipe_task_spec(recipe.task)
     source = _task_source(recipe)
     results = []
     for key, value in data["metrics"].items():
@@ -762,30 +795,64 @@ def _int8_section(folder: Path, repo_id: str, recipe: Any, onnx: _OnnxInfo | Non
     return "\n".join(lines)
 
 
-def _how_to_finetune(folder: Path, repo_id: str) -> str:
-    lines = [
-        "Ordinary fine-tuning fills the pruned weights back in. Fine-tune with pofa instead:",
+def _how_to_finetune(folder: Path, repo_id: str, auto_class: str) -> str:
+    """Fine-tuning that keeps the zeros: the user's own Trainer first, then a plain loop, then pofa's stage."""
+    # A pre-trained (MLM or bare) model is fine-tuned with a new head; a fine-tuned one keeps its own.
+    head = auto_class if auto_class not in ("AutoModelForMaskedLM", "AutoModel") else \
+        "AutoModelForSequenceClassification"
+    labels = ", num_labels=2" if head != auto_class else ""
+    where = (f"this repository's `{MASKS_FILE}`" if (folder / MASKS_FILE).is_file()
+             else f"the model's zeros (no `{MASKS_FILE}` was published with it)")
+    return "\n".join([
+        "Ordinary fine-tuning fills the pruned weights back in: a plain `Trainer` run with AdamW makes a sparse "
+        "model dense within a step. Add pofa's callback to your own `transformers.Trainer` (`pip install pofa`):",
         "",
-        "```bash",
-        f"pofa finetune --recipe path/to/finetune.yaml model.name_or_path={repo_id}",
+        "```python",
+        f"from transformers import {head}, Trainer",
+        "from pofa.trainer import SparsityLockCallback",
+        "",
+        f'model = {head}.from_pretrained("{repo_id}"{labels})',
+        f"lock = SparsityLockCallback()  # the pattern: {where}",
+        "trainer = Trainer(model=model, args=training_args, train_dataset=train_dataset, callbacks=[lock])",
+        "trainer.train()",
+        'trainer.save_model("out")',
+        'lock.save_masks("out")  # masks.safetensors beside the model',
         "```",
         "",
-    ]
-    if (folder / MASKS_FILE).is_file():
-        lines.append(
-            f"pofa loads `{MASKS_FILE}` from this repository together with the weights, and its optimizer keeps "
-            "every pruned weight at zero after each step, so the fine-tuned model keeps exactly this sparsity "
-            "pattern."
-        )
-    else:
-        lines.append(f"No `{MASKS_FILE}` was published with this model.")
-    return "\n".join(lines)
+        "Every pruned weight then stays exactly zero: its gradient is zeroed before clipping and before any "
+        "gradient reduction, so neither Adam's moments nor weight decay can move it, and the pattern is checked "
+        "at every checkpoint (gradient accumulation, bf16 and DDP included). In a plain PyTorch or accelerate loop "
+        "it is one line, after the optimizer is built (and after `accelerator.prepare`):",
+        "",
+        "```python",
+        "from pofa.sparsity import lock_sparsity",
+        "",
+        "lock_sparsity(model, optimizer)",
+        "```",
+        "",
+        "Or with pofa's own sparse transfer, which adds distillation, int8 quantization and export "
+        "(`pofa recipes` lists the shipped recipes):",
+        "",
+        "```bash",
+        f"pofa finetune --recipe glue-sst2-bert-base-sparse90 model.name_or_path={repo_id}",
+        "```",
+    ])
+
+
+def _family_name(model_type: str) -> str:
+    """The family as it writes itself (`pofa.families`: BERT, RoBERTa, DeBERTa-v2, ...), else the model type."""
+    from pofa.families import UnknownFamilyError, family_of
+
+    try:
+        return family_of(model_type).name
+    except UnknownFamilyError:  # a card describes what it finds; the pipeline refused unknown families earlier
+        return model_type
 
 
 def _summary(folder: Path, model_type: str, lineage: _Lineage, base_model: str | None,
              totals: Mapping[str, Any]) -> str:
     """The card's opening: what the model is, where it comes from, its overall sparsity."""
-    name = model_type.upper() if model_type == "bert" else model_type
+    name = _family_name(model_type)
     last = lineage.stages[0].recipe if lineage.stages else None
     if last is not None and last.stage == "finetune":
         ways = (["its sparsity pattern locked"] if (folder / MASKS_FILE).is_file() else []) + (
@@ -922,7 +989,7 @@ def build_model_card(
     tags = ["pofa"]
     if report is not None or (folder / MASKS_FILE).is_file():
         tags += ["sparse", "pruned"]
-    tags.append("bert" if model_type == "bert" else model_type)
+    tags.append(model_type)
     if (onnx is not None and onnx.int8) or _compact_is_int8(folder / COMPACT_FILE):
         tags += ["quantized", "int8"]
     if onnx is not None:
@@ -959,7 +1026,7 @@ def build_model_card(
         onnx=_onnx_section(onnx, shown_id, ort_class, any((folder / n).is_file() for n in _TOKENIZER_FILES))
         if onnx is not None else "",
         int8=_int8_section(folder, shown_id, recipe, onnx) if qat else "",
-        how_to_finetune=_how_to_finetune(folder, shown_id),
+        how_to_finetune=_how_to_finetune(folder, shown_id, auto_class),
         citation=CITATION,
     )
 

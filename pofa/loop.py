@@ -146,7 +146,11 @@ def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 def build_optimizer(model: nn.Module, *, learning_rate: float, weight_decay: float, betas=(0.9, 0.999),
                     eps: float = 1e-8) -> torch.optim.AdamW:
-    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps)
+    """AdamW over `decay_groups`. On a CUDA machine its fused kernel (one launch for all parameters instead of a
+    few per tensor; parameters may still be on the CPU here, they move in `prepare`); elsewhere torch's default, so
+    CPU runs keep the numerics their tests pin."""
+    fused = True if torch.cuda.is_available() else None
+    return torch.optim.AdamW(decay_groups(model, weight_decay), lr=learning_rate, betas=betas, eps=eps, fused=fused)
 
 
 def micro_step(accelerator, model, optimizer, compute_loss, max_grad_norm: float | None,
@@ -213,3 +217,14 @@ def configure_deepspeed(accelerator, per_device_batch_size: int) -> None:
 
 def count_parameters(params: Iterable[torch.Tensor]) -> int:
     return sum(p.numel() for p in params)
+
+
+def learning_rate_factor(step: int, *, max_steps: int, warmup_steps: int, schedule: str = "linear",
+                         pruning=None) -> float:  # noqa: ANN001 - pofa.recipe.PruningConfig or None
+    """The peak learning rate's factor at `step`: the authors' rewinding schedule (`rewinding_lr_multiplier`) when
+    pruning is enabled with `lr_rewind`, else `lr_multiplier`."""
+    if pruning is not None and pruning.enabled and pruning.lr_rewind:
+        return rewinding_lr_multiplier(step, max_steps=max_steps, warmup_steps=warmup_steps,
+                                       ramp_start=pruning.start_step, ramp_end=pruning.end_step,
+                                       rewind_every=pruning.frequency)
+    return lr_multiplier(step, max_steps=max_steps, warmup_steps=warmup_steps, schedule=schedule)

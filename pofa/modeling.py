@@ -47,7 +47,10 @@ def _explain(name_or_path: str, what: str, exc: Exception) -> ModelLoadError:
     )
 
 
-def load_tokenizer(name_or_path: str, revision: str | None = None):
+def load_tokenizer(name_or_path: str, revision: str | None = None, *, inputs_for=None):
+    """A fast tokenizer; with `inputs_for` (a model, config or model type), one that gives only the inputs that
+    model's family reads (`pofa.families`): a BERT tokenizer used for RoBERTa would give segment ids that its
+    one-row segment table cannot embed."""
     path = resolve_model_path(name_or_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, revision=revision)
@@ -55,6 +58,11 @@ def load_tokenizer(name_or_path: str, revision: str | None = None):
         raise _explain(path, "tokenizer", exc) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ModelLoadError(f"tokenizer of {name_or_path!r} is not a fast tokenizer; pofa needs one for batching")
+    if inputs_for is not None:
+        from pofa.families import family_of
+
+        reads = family_of(inputs_for).input_names
+        tokenizer.model_input_names = [name for name in tokenizer.model_input_names if name in reads]
     return tokenizer
 
 
@@ -87,13 +95,23 @@ def load_mlm_model(name_or_path: str, *, revision: str | None = None, from_scrat
             attach_pooler_(model, {})
         return model
     try:
-        model = AutoModelForMaskedLM.from_pretrained(path, revision=revision, dtype=dtype)
+        model = load_pretrained(AutoModelForMaskedLM, path, revision=revision, dtype=dtype)
     except (OSError, ValueError) as exc:
         raise _explain(path, "model", exc) from None
     weights = checkpoint_pooler(path, revision)
     if weights or keep_pooler:
         attach_pooler_(model, weights)
     return model
+
+
+def load_pretrained(auto_class, path: str, *, revision: str | None = None, **kwargs):
+    """`auto_class.from_pretrained(path, ...)`, or for a folder saved after `pofa.decompose` (its config records
+    the decomposition) `pofa.decompose.load_decomposed`, which rebuilds the factorized modules first."""
+    from pofa.decompose import is_decomposed, load_decomposed
+
+    if Path(path).is_dir() and is_decomposed(path):
+        return load_decomposed(path, auto_class, **kwargs)
+    return auto_class.from_pretrained(path, revision=revision, **kwargs)
 
 
 def checkpoint_pooler(path: str, revision: str | None = None) -> dict[str, torch.Tensor]:
@@ -129,8 +147,10 @@ def attach_pooler_(model: nn.Module, weights: dict[str, torch.Tensor]) -> bool:
     family has no pooler (DistilBERT, ELECTRA) or the model already has one."""
     import sys
 
+    from pofa.families import family_of
+
     base = getattr(model, model.base_model_prefix, None)
-    if base is None or getattr(base, "pooler", "absent") is not None:
+    if family_of(model).pooler is None or base is None or getattr(base, "pooler", "absent") is not None:
         return False
     family = sys.modules[type(base).__module__]
     pooler_classes = [getattr(family, name) for name in dir(family) if name.endswith("Pooler")]
@@ -179,52 +199,78 @@ def max_positions(config) -> int | None:
     return getattr(config, "max_position_embeddings", None)
 
 
-def mlm_head(model: nn.Module) -> nn.Module | None:
-    """The module that maps hidden states to vocabulary logits, for the architectures pofa knows; else None."""
-    for name in ("cls", "lm_head"):  # BERT / RoBERTa-like
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    if all(hasattr(model, n) for n in ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")):
-        return nn.Sequential(model.vocab_transform, model.activation, model.vocab_layer_norm, model.vocab_projector)
-    return None
-
-
 class MaskedLM(nn.Module):
     """Wraps an `AutoModelForMaskedLM` so that the forward returns the loss and the logits at the masked positions.
 
     With `all_logits=False`, the vocabulary projection (30k columns for BERT, the largest matrix product of a small
-    model's step) runs only on the ~15% of positions that carry a label. The wrapped model's parameters keep their
-    names under `.model`; masks and hooks refer to the wrapped model itself.
+    model's step) runs only on the ~15% of positions that carry a label, through the family's head
+    (`pofa.families`). The wrapped model's parameters keep their names under `.model`; masks and hooks refer to the
+    wrapped model itself.
     """
 
-    def __init__(self, model: nn.Module, all_logits: bool = False):
+    def __init__(self, model: nn.Module, all_logits: bool = False, projection: nn.Module | None = None):
         super().__init__()
-        self.model = model
-        # The head is looked up at each forward, not stored: storing it would register its parameters twice.
-        self.all_logits = all_logits or mlm_head(model) is None
+        from pofa.families import family_of
 
-    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, distill_mask=None, reduction="mean"):
+        self.model = model
+        self.family = family_of(model)
+        self.all_logits = all_logits
+        # Trained with the model (the optimizer and DDP see it), never saved with it: the hidden-state distillation's
+        # map from the student's width to the teacher's.
+        self.projection = projection
+
+    def forward(self, input_ids, attention_mask, labels, token_type_ids=None, distill_mask=None, reduction="mean",
+                internals: bool = False, selected_index=None):
         """Returns (loss, logits, selected): `logits` are [num_selected, vocab] at the positions where `selected`.
+
+        The positions are the labelled ones, or `distill_mask`'s; `selected_index` (their flat indices into
+        [batch x sequence], from `selected_positions` on the host batch) gives them without a host sync: a boolean
+        mask would make the device count them first. `selected` is then that index.
 
         `loss` is the cross-entropy over the labelled positions (label != -100): their mean (`reduction="mean"`), or
         their sum (`"sum"`), which an evaluation adds up and divides by the total count of labels once. A batch with
         no label gives 0, attached to the graph, not NaN (the mean of nothing): a held-out padding batch then counts
-        nothing, and a training step on it changes nothing.
+        nothing, and a training step on it changes nothing. `token_type_ids` reach only families that read them.
+        With `internals`, returns (loss, logits, selected, hidden_states, attentions) as the base model gives them
+        (attentions need eager attention; None where the model returns none).
         """
         if reduction not in ("mean", "sum"):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-        selected = labels != -100 if distill_mask is None else distill_mask
-        if self.all_logits:
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
-            logits = out.logits[selected]
+        if selected_index is not None:
+            selected = selected_index
+
+            def pick(tensor):
+                return tensor.flatten(0, 1).index_select(0, selected_index)
         else:
-            base = getattr(self.model, self.model.base_model_prefix)
-            hidden = base(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)[0]
-            logits = mlm_head(self.model)(hidden[selected])
-        target = labels[selected]
+            selected = labels != -100 if distill_mask is None else distill_mask
+
+            def pick(tensor):
+                return tensor[selected]
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if token_type_ids is not None and "token_type_ids" in self.family.input_names:
+            inputs["token_type_ids"] = token_type_ids
+        if internals:
+            inputs |= {"output_hidden_states": True,
+                       "output_attentions": self.model.config._attn_implementation == "eager"}
+        if self.all_logits:
+            out = self.model(**inputs)
+            logits = pick(out.logits)
+        else:
+            out = getattr(self.model, self.model.base_model_prefix)(**inputs)
+            logits = self.family.masked_logits(self.model, pick(out[0]))
+        target = pick(labels)
         loss = nn.functional.cross_entropy(logits.float(), target, ignore_index=-100, reduction="sum")
         if reduction == "mean":
             # clamp, not an `if`: no host sync, and 0 / 1 keeps the graph (and zero gradients) when nothing is labelled
             loss = loss / (target != -100).sum().clamp(min=1)
+        if internals:
+            return loss, logits, selected, out.hidden_states, out.attentions
         return loss, logits, selected
+
+
+def selected_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Flat indices into [batch x sequence] of the labelled positions, or of every attended position when
+    `attention_mask` is given (distillation over all positions): computed on the host batch before it moves to the
+    device, so that `MaskedLM` selects them with `index_select` instead of a host-syncing boolean mask."""
+    selected = attention_mask.bool() if attention_mask is not None else labels != -100
+    return selected.flatten().nonzero().squeeze(1)

@@ -1,23 +1,26 @@
 """Teacher preparation and student pruning: one plain accelerate loop.
 
-    accelerate launch pofa/pretrain.py --recipe recipes/minilm-offline-teacher.yaml [--output-dir DIR] [--resume]
-    pofa pretrain --recipe RECIPE.yaml [a.b=value ...]
+    accelerate launch -m pofa.pretrain --recipe minilm-offline-teacher [--output-dir DIR] [--resume]
+    pofa pretrain --recipe RECIPE [a.b=value ...]          (RECIPE: a YAML file, or a shipped recipe's name)
 
 The loop, top to bottom (each technique is a pure function elsewhere; this file only attaches it, and the set-up,
 resume, cadence and final write that both stages share are `pofa.stage.Stage`'s):
 
+    [apply_recipe_(model, decomposition)]          # pofa.decompose: heads/neurons, low-rank, Kronecker, tensor
     for step in range(start, max_steps):           # optimizer steps
         if pruning event at step:                  # pofa.sparsity.schedule: cubic_sparsity, is_pruning_step
             masks <- magnitude_masks(weights)      # pofa.sparsity.masks; the MaskStore is checkpointed
                      [pruned weights may return]   # pruning.revive: PrunedValues keeps their values
+                     [in groups: N of M kept]      # pruning.pattern: 2:4 (pofa.sparsity.nm_masks)
             guard.enforce_(optimizer)              # zero weights, Adam moments (and DeepSpeed master copies)
-        lr <- lr_multiplier | rewinding_lr_...     # pofa.loop (pruning.lr_rewind: the authors' schedule)
+        lr <- learning_rate_factor(step)           # pofa.loop (pruning.lr_rewind: the authors' schedule)
         for each micro-step:                       # accelerate.accumulate
             batch <- MLMBatcher.train_batch(micro) # pofa.data.mlm: packed blocks, deterministic masking
             loss  <- MLM CE at masked positions    # pofa.modeling.MaskedLM (projects masked positions only)
                      [+ kd_loss(student, teacher)] # pofa.distill, frozen teacher
-            backward                               # MaskGuard's gradient hooks zero pruned gradients
-        clip, optimizer step                       # pofa.loop.micro_step
+                     [+ intermediate_loss(...)]    # hidden states / attentions of mapped layers (layer_map)
+            backward
+        zero pruned gradients, clip, step          # MaskGuard.mask_gradients_ once per step; pofa.loop.micro_step
         log / evaluate / checkpoint (atomic)       # pofa.stage, pofa.checkpoint
 
 A recipe with `pruning.enabled: false` and no teacher is teacher preparation (dense MLM); with pruning and a teacher
@@ -37,18 +40,24 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from pofa.artifacts import MASKS_FILE, PRUNED_VALUES_FILE, SPARSITY_FILE, TRAIN_RESULTS_FILE
+from pofa.artifacts import MASKS_FILE, SPARSITY_FILE, TRAIN_RESULTS_FILE
 from pofa.checkpoint import OutputDirError
 from pofa.data.corpus import CorpusError
+from pofa.decompose import apply_recipe_
 from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
-from pofa.loop import LossWindow, lr_multiplier, rewinding_lr_multiplier
-from pofa.modeling import MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions
+from pofa.distill import intermediate_distillation
+from pofa.families import FamilyError, family_of
+from pofa.hub import PublicationError
+from pofa.loop import LossWindow, learning_rate_factor
+from pofa.modeling import (MaskedLM, ModelLoadError, load_config, load_mlm_model, load_tokenizer, max_positions,
+                           selected_positions)
 from pofa.recipe import PretrainRecipe, RecipeError, load_recipe
+from pofa.sparsity.pruner import Pruner
 from pofa.stage import Stage, format_metrics
 
 # Keys that must match to resume a run: the rest (max_steps, eval/save/log cadence) may change between attempts.
 RESUME_KEYS = ["stage", "model", "data", "training.seed", "training.per_device_batch_size",
-               "training.gradient_accumulation_steps", "pruning", "distillation"]
+               "training.gradient_accumulation_steps", "pruning", "distillation", "decomposition"]
 
 
 @dataclass
@@ -88,94 +97,27 @@ def evaluate(model, batches, accelerator) -> dict[str, float]:
             "masked_tokens": int(count.item())}
 
 
-class Pruner:
-    """Attaches gradual magnitude pruning to the loop: the schedule, the MaskStore and the MaskGuard."""
-
-    def __init__(self, recipe: PretrainRecipe, model):
-        from pofa.sparsity import DEFAULT_TARGETS, POOLER_TARGET, MaskGuard, MaskStore
-
-        self.config = c = recipe.pruning
-        self.model = model
-        include = list(c.include or DEFAULT_TARGETS) + ([POOLER_TARGET] if c.pooler else [])
-        # Full shapes, also where DeepSpeed ZeRO-3 leaves each process an empty shard.
-        self.store = MaskStore.dense(model.named_parameters(), include=include, exclude=c.exclude)
-        self.guard = MaskGuard(model, self.store, gradients="step")  # the loop masks once per optimizer step
-        self.end_pruning_step = c.end_pruning_step if c.end_pruning_step is not None else c.end_step
-        self.pruned_values = None
-        if c.revive:
-            from pofa.sparsity import PrunedValues
-
-            self.pruned_values = PrunedValues.zeros(self.store)
-
-    def is_event(self, step: int) -> bool:
-        from pofa.sparsity import is_pruning_step
-
-        return is_pruning_step(step, start_step=self.config.start_step, frequency=self.config.frequency,
-                               end_pruning_step=self.end_pruning_step)
-
-    def target(self, step: int) -> float:
-        from pofa.sparsity import cubic_sparsity
-
-        c = self.config
-        return cubic_sparsity(step, initial=c.initial_sparsity, final=c.target_sparsity, start_step=c.start_step,
-                              end_step=c.end_step)
-
-    def prune(self, step: int, optimizer) -> str:
-        """Recompute the masks at `step`; returns the event's log line."""
-        from pofa.sparsity import check_masks
-
-        target = self.target(step)
-        if self.pruned_values is None:
-            self.guard.prune_(target, optimizer=optimizer, scope=self.config.scope)
-            revived = ""
-        else:
-            changes = self.guard.prune_(target, optimizer=optimizer, scope=self.config.scope,
-                                        revive=self.pruned_values)
-            revived = f", revived {changes.num_revived()}"
-        check_masks(self.model, self.store)
-        return (f"step {step}: pruning event, target sparsity {target:.4f}, achieved {self.store.sparsity():.4f}"
-                f"{revived}")
-
-    def stepped(self, lr: float, weight_decay: float, skipped: bool) -> None:
-        """After each optimizer step: the stored values of pruned weights decay as AdamW would decay them (not when
-        the step was skipped, as fp16's loss scaler does on an overflow)."""
-        if self.pruned_values is not None and not skipped:
-            self.pruned_values.step_(lr, weight_decay)
-
-    def save(self, folder: Path) -> None:
-        self.store.save(folder / MASKS_FILE)
-        if self.pruned_values is not None:
-            self.pruned_values.save(folder / PRUNED_VALUES_FILE)
-
-    def load(self, folder: Path) -> None:
-        """Restore a checkpoint's masks (and stored values) into the live objects the gradient hooks read."""
-        from pofa.sparsity import MaskStore, PrunedValues
-
-        self.store.load_state_dict(MaskStore.load(folder / MASKS_FILE).state_dict())
-        if self.pruned_values is not None:
-            self.pruned_values.load_state_dict(PrunedValues.load(folder / PRUNED_VALUES_FILE).state_dict())
-
-
-def learning_rate_factor(recipe: PretrainRecipe, step: int, warmup_steps: int) -> float:
-    """The peak learning rate's factor at `step`: the authors' rewinding schedule when `pruning.lr_rewind`."""
-    t, p = recipe.training, recipe.pruning
-    if p.enabled and p.lr_rewind:
-        return rewinding_lr_multiplier(step, max_steps=t.max_steps, warmup_steps=warmup_steps,
-                                       ramp_start=p.start_step, ramp_end=p.end_step, rewind_every=p.frequency)
-    return lr_multiplier(step, max_steps=t.max_steps, warmup_steps=warmup_steps, schedule=t.lr_schedule)
-
-
-def mlm_loss(student, teacher, batch, distill_mask, distillation) -> torch.Tensor:
-    """MLM cross-entropy at the masked positions, mixed with distillation from the teacher when there is one."""
-    loss, logits, _ = student(**batch, distill_mask=distill_mask)
+def mlm_loss(student, teacher, batch, distillation, layers=None, projection=None) -> torch.Tensor:
+    """MLM cross-entropy at the masked positions (`batch["selected_index"]`: the labelled ones, or all for
+    `distillation.positions: all`), mixed with distillation from the teacher when there is one: of the logits, and
+    with `layers` (the layer map's pairs) of hidden states (through `projection`) and attentions."""
+    internals = layers is not None
+    student_out = student(**batch, internals=internals)
+    loss, logits = student_out[0], student_out[1]
     if teacher is None:
         return loss
-    from pofa.distill import distillation_loss
+    from pofa.distill import distillation_loss, intermediate_loss
 
     with torch.no_grad():
-        _, teacher_logits, _ = teacher(**batch, distill_mask=distill_mask)
-    loss, _ = distillation_loss(loss, logits, teacher_logits, hard_weight=distillation.hard_weight,
+        teacher_out = teacher(**batch, internals=internals)
+    loss, _ = distillation_loss(loss, logits, teacher_out[1], hard_weight=distillation.hard_weight,
                                 soft_weight=distillation.soft_weight, temperature=distillation.temperature)
+    if internals:
+        intermediate, _ = intermediate_loss(
+            student_out[3], teacher_out[3], student_out[4], teacher_out[4], pairs=layers,
+            mask=batch["attention_mask"].bool(), hidden_weight=distillation.hidden_weight,
+            attention_weight=distillation.attention_weight, projection=projection)
+        loss = loss + intermediate
     return loss
 
 
@@ -203,8 +145,8 @@ def make_batcher(recipe: PretrainRecipe, tokenizer, run: Stage) -> MLMBatcher:
 def load_student(recipe: PretrainRecipe):
     """The tokenizer and the model to train, checked against the data section."""
     m, d = recipe.model, recipe.data
-    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision)
     config = load_config(m.name_or_path, m.revision, m.config_overrides if m.from_scratch else None)
+    tokenizer = load_tokenizer(m.tokenizer or m.name_or_path, m.revision, inputs_for=config)
     limit = max_positions(config)
     if limit is not None and d.max_seq_length > limit:
         raise RecipeError(f"data.max_seq_length: {d.max_seq_length} exceeds the model's maximum of {limit} positions "
@@ -214,7 +156,7 @@ def load_student(recipe: PretrainRecipe):
                            keep_pooler=recipe.pruning.enabled and recipe.pruning.pooler)
     if recipe.pruning.enabled and recipe.pruning.pooler and getattr(model.base_model, "pooler", None) is None:
         raise RecipeError(f"pruning.pooler: {type(model).__name__} ({m.name_or_path}) has no pooler to prune "
-                          "(DistilBERT and ELECTRA have none); set pruning.pooler: false")
+                          f"({family_of(model).name} models have none); set pruning.pooler: false")
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise ModelLoadError(f"tokenizer has {len(tokenizer)} tokens but the model's embedding only "
                              f"{model.get_input_embeddings().num_embeddings}")
@@ -227,18 +169,24 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     run = Stage.start(recipe, resume=resume, overwrite=overwrite)
     torch.manual_seed(t.seed)  # before loading: weights the checkpoint lacks (an MLM head, a pooler) are drawn
     tokenizer, model = load_student(recipe)
+    if (decomposed := apply_recipe_(model, recipe.decomposition)) is not None:  # before the optimizer and masks
+        run.log(decomposed)
     batcher = make_batcher(recipe, tokenizer, run)
     plan = run.plan_steps(t.max_steps)
     batcher.train_batch(0)  # fails now, with a clear message, if the data is smaller than one global batch
-    teacher = None
+    teacher_model = None
     if k.teacher:
         dtype = torch.bfloat16 if k.teacher_dtype == "bfloat16" else torch.float32
-        teacher = MaskedLM(run.load_teacher(lambda: load_mlm_model(k.teacher, dtype=dtype), model),
-                           all_logits=t.mlm_logits == "all")
+        teacher_model = run.load_teacher(lambda: load_mlm_model(k.teacher, dtype=dtype), model)
+    try:
+        layers, projection = intermediate_distillation(k, model, teacher_model)
+    except ValueError as exc:  # depths that the layer map cannot pair
+        raise RecipeError(str(exc)) from None
+    teacher = MaskedLM(teacher_model, all_logits=t.mlm_logits == "all") if teacher_model is not None else None
 
     run.open()
-    student = run.prepare(MaskedLM(model, all_logits=t.mlm_logits == "all"), model)
-    pruner = Pruner(recipe, model) if recipe.pruning.enabled else None
+    student = run.prepare(MaskedLM(model, all_logits=t.mlm_logits == "all", projection=projection))
+    pruner = Pruner(recipe.pruning, model) if recipe.pruning.enabled else None
     if pruner is not None:
         run.register(pruner.save, pruner.load)
     state = run.resume(RESUME_KEYS)
@@ -265,12 +213,16 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
             run.log(pruner.prune(step, run.optimizer))
         if step >= plan.max_steps:
             break
-        run.set_lr(learning_rate_factor(recipe, step, plan.warmup_steps))
+        run.set_lr(learning_rate_factor(step, max_steps=t.max_steps, warmup_steps=plan.warmup_steps,
+                                        schedule=t.lr_schedule, pruning=recipe.pruning))
         for accumulation_index in range(t.gradient_accumulation_steps):
             batch = batcher.train_batch(plan.micro_step(step, accumulation_index))
+            all_positions = teacher is not None and k.positions == "all"
+            batch["selected_index"] = selected_positions(batch["labels"],
+                                                         batch["attention_mask"] if all_positions else None)
             batch = {key: v.to(run.accelerator.device, non_blocking=True) for key, v in batch.items()}
-            distill_mask = batch["attention_mask"].bool() if teacher is not None and k.positions == "all" else None
-            window.add(micro_step(run, student, lambda: mlm_loss(student, teacher, batch, distill_mask, k), pruner))
+            window.add(micro_step(run, student, lambda: mlm_loss(student, teacher, batch, k, layers, projection),
+                                  pruner))
         step += 1
         tokens_seen += tokens_per_step
         run.stepped(tokens_per_step)
@@ -307,7 +259,9 @@ def final_writer(run: Stage, wrapped, model, tokenizer, pruner, metrics):
     process; the returned function writes on the main process only.
     """
     # Only the main process receives the gathered weights (the others get None).
-    state_dict = {key.removeprefix("model."): v for key, v in (run.accelerator.get_state_dict(wrapped) or {}).items()}
+    # The wrapped model's tensors only: what MaskedLM trains beside it (a distillation projection) is not the model.
+    state_dict = {key.removeprefix("model."): v for key, v in (run.accelerator.get_state_dict(wrapped) or {}).items()
+                  if key.startswith("model.")}
     report = None
     if pruner is not None:
         from pofa.sparsity import check_masks, sparsity_report
@@ -332,7 +286,8 @@ def final_writer(run: Stage, wrapped, model, tokenizer, pruner, metrics):
 def build_parser(prog: str = "pofa pretrain") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--recipe", required=True, help="YAML recipe (see recipes/)")
+    parser.add_argument("--recipe", required=True, help="a YAML recipe file, or the name of a shipped recipe "
+                        "(`pofa recipes` lists them)")
     parser.add_argument("--output-dir", help="overrides training.output_dir")
     parser.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output dir")
@@ -352,7 +307,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         recipe = with_output_dir(load_recipe(args.recipe, args.overrides, PretrainRecipe), args.output_dir)
         train(recipe, resume=args.resume, overwrite=args.overwrite)
-    except (RecipeError, CorpusError, ModelLoadError, OutputDirError) as exc:
+    except (RecipeError, CorpusError, ModelLoadError, OutputDirError, FamilyError,
+            PublicationError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

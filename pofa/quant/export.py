@@ -40,6 +40,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pofa.families import family_of, model_type_of
 from pofa.quant.qat import FakeQuantLinear, export_mode, is_qat_prepared, qat_modules
 
 __all__ = ["export_onnx", "check_onnx_parity", "require_onnx_parity", "onnx_session", "ONNX_INPUT_NAMES"]
@@ -79,7 +80,9 @@ def _example_inputs(model: nn.Module, tokenizer_or_example_inputs: Any) -> dict[
         raise ValueError(f"export_onnx: the example inputs have no 'input_ids' (keys: {sorted(inputs)})")
     device = next(model.parameters()).device
     accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
-    return {name: inputs[name].to(device) for name in ONNX_INPUT_NAMES if name in inputs and name in accepted}
+    # RoBERTa's forward accepts token_type_ids but its tokenizers never give them: the family says what is read
+    names = family_of(model).input_names if model_type_of(model) is not None else ONNX_INPUT_NAMES
+    return {name: inputs[name].to(device) for name in names if name in inputs and name in accepted}
 
 
 def _grown(inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -167,6 +170,8 @@ def export_onnx(
                 warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python.*")
                 # transformers' attention-mask construction indexes with positions, which are never negative.
                 warnings.filterwarnings("ignore", message=".*Exporting aten::index operator.*")
+                # DeBERTa-v2 builds its attention scale with torch.tensor(size) while traced: a constant, as wanted.
+                warnings.filterwarnings("ignore", message=".*To copy construct from a tensor.*")
                 torch.onnx.export(
                     wrapper,
                     tuple(inputs.values()),

@@ -55,6 +55,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pofa.families import family_of, is_encoder_linear, model_type_of
+
 __all__ = [
     "QATConfig",
     "FakeQuantLinear",
@@ -76,9 +78,7 @@ __all__ = [
     "fake_quantize_activation",
 ]
 
-# An encoder block of BERT-like models (`bert.encoder.layer.3.`) or of DistilBERT (`distilbert.transformer.layer.3.`).
-_ENCODER_LAYER = re.compile(r"(^|\.)(encoder|transformer)\.layer\.\d+\.")
-# Embedding tables of the `embeddings` block (word, position, token type).
+# Embedding tables of the `embeddings` block (word, position, token type) in every registered family.
 _EMBEDDINGS = re.compile(r"(^|\.)embeddings\.")
 
 
@@ -401,13 +401,28 @@ _FakeQuant = (FakeQuantLinear, FakeQuantEmbedding)
 
 
 def default_qat_filter(module: nn.Module, fqn: str) -> bool:
-    """Every Linear inside an encoder block (``encoder.layer.N.`` / ``transformer.layer.N.``) and every Embedding
-    of an ``embeddings`` block; task heads and the pooler stay float."""
+    """Every Linear inside an encoder block of a registered family (`pofa.families`) and every Embedding of an
+    ``embeddings`` block; task heads and the pooler stay float."""
     if isinstance(module, nn.Linear):
-        return _ENCODER_LAYER.search(fqn) is not None
+        return is_encoder_linear(fqn)
     if isinstance(module, nn.Embedding):
         return _EMBEDDINGS.search(fqn) is not None
     return False
+
+
+def family_qat_filter(model: nn.Module) -> Callable[[nn.Module, str], bool]:
+    """:func:`default_qat_filter` narrowed to ``model``'s own family: its encoder blocks and its embedding tables."""
+    family = family_of(model)
+    embeddings = re.compile(family.embeddings)
+
+    def select(module: nn.Module, fqn: str) -> bool:
+        if isinstance(module, nn.Linear):
+            return family.is_encoder_linear(fqn)
+        if isinstance(module, nn.Embedding):
+            return embeddings.search(fqn) is not None
+        return False
+
+    return select
 
 
 def qat_modules(model: nn.Module) -> dict[str, FakeQuantLinear | FakeQuantEmbedding]:
@@ -433,12 +448,13 @@ def prepare_qat_(
     """Swap the selected Linears for :class:`FakeQuantLinear` (and, with ``config.quantize_embeddings``, the
     selected Embeddings for :class:`FakeQuantEmbedding`) in place; return ``model``.
 
-    ``filter_fn(module, fqn)`` selects among ``nn.Linear`` (and ``nn.Embedding``) modules; default
+    ``filter_fn(module, fqn)`` selects among ``nn.Linear`` (and ``nn.Embedding``) modules; default: the model's
+    family's (:func:`family_qat_filter`) when it has a ``config`` of a registered family, else
     :func:`default_qat_filter`. Parameter names and Parameter objects are unchanged. Forward hooks registered on a
     swapped module are not carried over. Raises if ``model`` is already prepared or nothing was selected.
     """
     config = config or QATConfig()
-    select = filter_fn or default_qat_filter
+    select = filter_fn or (family_qat_filter(model) if model_type_of(model) is not None else default_qat_filter)
     already = next(iter(qat_modules(model)), None)
     if already is not None:
         raise ValueError(f"prepare_qat_: the model is already prepared for QAT (a fake-quant module is at {already!r})")
@@ -450,8 +466,8 @@ def prepare_qat_(
             targets.append((fqn, FakeQuantEmbedding(module, config)))
     if not any(isinstance(m, FakeQuantLinear) for _, m in targets):
         raise ValueError(
-            "prepare_qat_: no nn.Linear was selected; the default filter selects Linears under "
-            "'encoder.layer.N.' or 'transformer.layer.N.' (pass filter_fn for other architectures)"
+            "prepare_qat_: no nn.Linear was selected; the default filter selects the Linears in the encoder blocks "
+            "of the families in pofa.families (pass filter_fn for other architectures, or register the family)"
         )
     for fqn, module in targets:
         _set_submodule(model, fqn, module)

@@ -7,14 +7,20 @@ from pofa.sparsity.masks import (
     MaskFileError,
     MaskStore,
     MaskViolationError,
+    UNSTRUCTURED,
     bind_masks,
     check_masks,
     format_sparsity_table,
     magnitude_masks,
+    nm_masks,
+    nm_violations,
+    parse_pattern,
+    pattern_sparsity,
     select_targets,
     sparsity_report,
 )
 from pofa.sparsity.optim import MaskGuard
+from pofa.sparsity.lock import lock_sparsity
 from pofa.sparsity.revival import PrunedValues
 from pofa.sparsity.schedule import cubic_sparsity, is_pruning_step
 
@@ -27,12 +33,18 @@ __all__ = [
     "MaskStore",
     "MaskViolationError",
     "PrunedValues",
+    "UNSTRUCTURED",
     "bind_masks",
     "check_masks",
     "cubic_sparsity",
     "format_sparsity_table",
     "is_pruning_step",
+    "lock_sparsity",
     "magnitude_masks",
+    "nm_masks",
+    "nm_violations",
+    "parse_pattern",
+    "pattern_sparsity",
     "select_targets",
     "sparsity_report",
 ]

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from pofa.families import FAMILIES
+
 __all__ = [
     "DEFAULT_TARGETS",
     "POOLER_TARGET",
@@ -43,29 +45,27 @@ __all__ = [
     "MaskFileError",
     "MaskStore",
     "MaskViolationError",
+    "UNSTRUCTURED",
     "bind_masks",
     "check_masks",
     "deepspeed_master_weight",
     "format_sparsity_table",
     "gathered_param",
     "magnitude_masks",
+    "nm_masks",
+    "nm_violations",
     "param_shape",
+    "parse_pattern",
+    "pattern_sparsity",
     "select_targets",
     "sparsity_report",
     "unwrap_model",
 ]
 
-# Every Linear weight inside the transformer blocks. `(^|\.)` lets the same patterns match `bert.encoder...`,
-# `roberta.encoder...`, a bare `encoder...` and wrapped names such as `module.bert.encoder...`.
-DEFAULT_TARGETS: tuple[str, ...] = (
-    r"(^|\.)encoder\.layer\.\d+\.attention\.self\.(query|key|value)\.weight$",
-    r"(^|\.)encoder\.layer\.\d+\.attention\.output\.dense\.weight$",
-    r"(^|\.)encoder\.layer\.\d+\.(intermediate|output)\.dense\.weight$",
-    # DistilBERT
-    r"(^|\.)transformer\.layer\.\d+\.attention\.(q_lin|k_lin|v_lin|out_lin)\.weight$",
-    r"(^|\.)transformer\.layer\.\d+\.ffn\.(lin1|lin2)\.weight$",
-)
-"""Regexes (``re.search`` over parameter names) for the encoder Linear weights of BERT-family models."""
+DEFAULT_TARGETS: tuple[str, ...] = tuple(dict.fromkeys(t for family in FAMILIES for t in family.targets))
+"""Regexes (``re.search`` over parameter names) of every encoder Linear weight of every registered model family
+(`pofa.families`), for code that sees names only; with a model at hand, `pofa.families.pruning_targets` gives its
+own family's."""
 
 POOLER_TARGET: str = r"(^|\.)pooler\.dense\.weight$"
 """Regex for the pooler dense weight; dense by default, add it to ``include`` to prune it too."""
@@ -331,6 +331,7 @@ def magnitude_masks(
     scope: Literal["layer", "global"] = "layer",
     previous: Mapping[str, Tensor] | None = None,
     revive: Mapping[str, Tensor] | None = None,
+    pattern: str = "unstructured",
 ) -> dict[str, Tensor]:
     """Keep-masks (bool, True = kept) that prune the smallest-magnitude weights.
 
@@ -349,12 +350,23 @@ def magnitude_masks(
     back; the count is exactly ``round(sparsity * numel)`` (layer) or ``round(sparsity * total_numel)`` (global),
     also below the previous count, and ties are broken as above.
 
+    ``pattern="N:M"`` (e.g. ``"2:4"``) makes the pruning structured instead, in groups of M consecutive weights along
+    the last (input) dimension, the layout torch's semi-structured sparse kernels read: see :func:`nm_masks`, which
+    this delegates to (layer scope only; ``sparsity`` at most ``(M - N) / M``).
+
     Raises:
         ValueError: on empty ``weights``, a non-float weight, ``sparsity`` outside [0, 1], an unknown ``scope``, a
             ``previous`` mask that is missing, not bool, or shaped differently from its weight, or ``revive``
-            without ``previous`` or with a missing, non-float or misshaped tensor.
+            without ``previous`` or with a missing, non-float or misshaped tensor; for an N:M ``pattern`` also as
+            :func:`nm_masks` says.
     """
     _validate_mask_inputs(weights, sparsity, scope, previous, revive)
+    nm = parse_pattern(pattern)
+    if nm is not None:
+        if scope != "layer":
+            raise ValueError(f"scope must be 'layer' with pattern {pattern!r}: every group of {nm[1]} keeps {nm[0]}, "
+                             f"there is no global threshold to share; got scope={scope!r}")
+        return nm_masks(weights, sparsity, nm, previous=previous, revive=revive)
     names = list(weights)
     numel = {name: weights[name].numel() for name in names}
 
@@ -382,6 +394,122 @@ def magnitude_masks(
         prune = max(round(sparsity * sum(numel.values())), previously_pruned(order))
         flat = _prune_lowest(order, score_of, prune)
     return {name: flat[name].reshape(weights[name].shape) for name in names}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# N:M patterns (semi-structured sparsity)
+
+UNSTRUCTURED = "unstructured"
+"""The pattern name of masks with no structure: any position may be pruned."""
+
+_NM_RE = re.compile(r"^([0-9]+):([0-9]+)$")
+
+
+def parse_pattern(pattern: str) -> tuple[int, int] | None:
+    """``(N, M)`` for an ``"N:M"`` pattern (at most N weights kept in every group of M consecutive weights along the
+    last dimension), None for ``"unstructured"``.
+
+    Raises:
+        ValueError: naming ``pattern`` unless it is ``"unstructured"`` or ``"N:M"`` with integers ``1 <= N < M``.
+    """
+    if pattern == UNSTRUCTURED:
+        return None
+    match = _NM_RE.match(pattern) if isinstance(pattern, str) else None
+    if match is None or not 1 <= int(match.group(1)) < int(match.group(2)):
+        raise ValueError(f"pattern must be 'unstructured' or 'N:M' with integers 1 <= N < M (e.g. '2:4'), "
+                         f"got {pattern!r}")
+    return int(match.group(1)), int(match.group(2))
+
+
+def pattern_sparsity(pattern: str) -> float | None:
+    """The sparsity an ``"N:M"`` pattern reaches, ``(M - N) / M`` (0.5 for 2:4); None for ``"unstructured"``."""
+    nm = parse_pattern(pattern)
+    return None if nm is None else (nm[1] - nm[0]) / nm[1]
+
+
+def _groups(tensor: Tensor, m: int, name: str) -> Tensor:
+    """``tensor`` as rows of ``m`` consecutive entries along its last dimension."""
+    if tensor.dim() < 1 or tensor.shape[-1] % m:
+        raise ValueError(f"{name}: its last dimension ({tuple(tensor.shape)}) is not a multiple of M={m}, so it "
+                         f"cannot be cut into groups of {m}; exclude it from pruning or choose another pattern")
+    return tensor.reshape(-1, m)
+
+
+def nm_violations(mask: Tensor, nm: tuple[int, int], name: str = "mask") -> int:
+    """How many groups of M consecutive positions of ``mask`` (along its last dimension) keep more than N; 0 means
+    ``mask`` is N:M. Raises ValueError (naming ``name``) if the last dimension is not a multiple of M."""
+    n, m = nm
+    return int((_groups(mask, m, name).sum(dim=1) > n).sum())
+
+
+def nm_masks(
+    weights: Mapping[str, Tensor],
+    sparsity: float,
+    nm: tuple[int, int],
+    *,
+    previous: Mapping[str, Tensor] | None = None,
+    revive: Mapping[str, Tensor] | None = None,
+) -> dict[str, Tensor]:
+    """Keep-masks pruning the smallest-magnitude weights group by group: groups of M consecutive weights along the
+    last dimension (a Linear's input dimension, as torch's 2:4 semi-structured kernels need), ``sparsity`` of each.
+
+    How a schedule's sparsity ``s`` (at most ``(M - N) / M``) is reached: every group prunes its ``floor(s * M)``
+    smallest weights, and the groups whose next-smallest weight is smallest over the whole tensor prune one more, as
+    many as it takes to prune exactly ``round(s * numel)`` weights, as unstructured layer masks do. So each group
+    prunes ``floor(s * M)`` or ``floor(s * M) + 1``, the masks move towards N:M as the cubic schedule ramps, and at
+    ``s = (M - N) / M`` every group keeps exactly N: the masks are N:M (:func:`nm_violations` is 0).
+
+    ``previous`` and ``revive`` follow :func:`magnitude_masks`: without ``revive`` a previously pruned position stays
+    pruned (it ranks below every weight; a group never prunes fewer than it did, and the count never falls below
+    the previous count); with ``revive`` pruned positions compete by their held values and the counts are exact.
+    Ties are broken by position (lower index first, within a group and between groups), so equal inputs give equal
+    masks everywhere. Scores are float32; masks are on each weight's device.
+
+    Raises:
+        ValueError: if ``sparsity`` exceeds ``(M - N) / M``, or a weight's last dimension is not a multiple of M
+            (naming it); other input errors as :func:`magnitude_masks`.
+    """
+    n, m = nm
+    _validate_mask_inputs(weights, sparsity, "layer", previous, revive)
+    if sparsity > (m - n) / m + 1e-9:
+        raise ValueError(f"sparsity {sparsity} exceeds what pattern {n}:{m} allows, {(m - n) / m:g} "
+                         f"({n} of every {m} weights kept)")
+    return {
+        name: _nm_keep(name, weight, sparsity, m,
+                       None if previous is None else previous[name], None if revive is None else revive[name])
+        for name, weight in weights.items()
+    }
+
+
+def _nm_keep(name: str, weight: Tensor, sparsity: float, m: int, previous: Tensor | None,
+             revive: Tensor | None) -> Tensor:
+    score = weight.detach().to(torch.float32).abs()
+    if previous is not None:
+        kept = previous.to(score.device)
+        if revive is not None:
+            score = torch.where(kept, score, revive.detach().to(device=score.device, dtype=torch.float32).abs())
+        else:
+            score = score.masked_fill(~kept, -1.0)  # below every weight, even an exact 0.0: pruned first
+    groups = _groups(score, m, name)
+    # A stable sort ranks equal scores by position within the group.
+    ordered, order = torch.sort(groups, dim=1, stable=True)
+    base = math.floor(sparsity * m + 1e-9)  # 1e-9: 0.3 * 10 is 2.9999999999999996 in floating point
+    zeros = torch.full((groups.shape[0],), base, dtype=torch.long, device=score.device)
+    total = round(sparsity * weight.numel())
+    if previous is not None and revive is None:
+        previously = (~_groups(kept, m, name)).sum(dim=1)
+        zeros = torch.maximum(zeros, previously)
+        total = max(total, int(previously.sum()))
+    extra = total - int(zeros.sum())
+    if extra > 0 and base < m:
+        # One more zero for the groups whose next weight in line is smallest; only groups at the base count take
+        # one, so a group prunes at most floor(s * M) + 1. Ties: lower group index first (stable sort).
+        following = ordered[:, base].masked_fill(zeros != base, float("inf"))
+        candidates = torch.sort(following, stable=True).indices[: min(extra, int((zeros == base).sum()))]
+        zeros[candidates] += 1
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(m, device=order.device).expand_as(order))
+    return (rank >= zeros[:, None]).reshape(weight.shape)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -491,6 +619,27 @@ def _as_mask(name: str, mask: Tensor) -> Tensor:
     return mask
 
 
+def _pattern_problems(masks: Mapping[str, Tensor], nm: tuple[int, int]) -> list[str]:
+    """One line per mask that is not N:M: how many of its groups keep more than N."""
+    n, m = nm
+    problems = []
+    for name, mask in masks.items():
+        bad = nm_violations(mask, nm, name)
+        if bad:
+            problems.append(f"{name}: {bad} of {mask.numel() // m} groups of {m} keep more than {n}")
+    return problems
+
+
+def _require_pattern(masks: Mapping[str, Tensor], pattern: str) -> None:
+    """Raise ValueError (naming the pattern and the first offending masks) unless every mask follows ``pattern``."""
+    nm = parse_pattern(pattern)
+    if nm is None:
+        return
+    problems = _pattern_problems(masks, nm)
+    if problems:
+        raise ValueError(f"masks do not follow pattern {pattern!r}: {_format_names(problems, 3)}")
+
+
 def _pack(mask: Tensor) -> Tensor:
     bits = np.packbits(mask.detach().to("cpu").reshape(-1).numpy(), bitorder=_BITORDER)
     return torch.from_numpy(bits)
@@ -543,11 +692,28 @@ class MaskStore:
     Names are the parameter names of the model the masks were made on; :meth:`bind` resolves them on other models.
     :meth:`update` changes masks in place, so code holding a mask tensor sees new masks; :attr:`version` increases on
     every change so caches of derived tensors (e.g. local shards) know when to refresh.
+
+    :attr:`pattern` is the structure every mask is promised to have: ``"unstructured"`` (none), or ``"N:M"`` (at most
+    N kept in every group of M consecutive positions along the last dimension). It is saved with the masks, and a
+    store never holds masks that break it: the constructor, :meth:`update`, the setter and :meth:`load` refuse them.
     """
 
-    def __init__(self, masks: Mapping[str, Tensor] | None = None) -> None:
+    def __init__(self, masks: Mapping[str, Tensor] | None = None, *, pattern: str = UNSTRUCTURED) -> None:
         self._masks: dict[str, Tensor] = {name: _as_mask(name, mask) for name, mask in (masks or {}).items()}
         self._version = 0
+        self._pattern = UNSTRUCTURED
+        self.pattern = pattern
+
+    @property
+    def pattern(self) -> str:
+        """``"unstructured"`` or the ``"N:M"`` pattern every mask of the store follows."""
+        return self._pattern
+
+    @pattern.setter
+    def pattern(self, pattern: str) -> None:
+        """Declare the masks ``pattern``; raises ValueError naming it and the first masks that do not follow it."""
+        _require_pattern(self._masks, pattern)
+        self._pattern = pattern
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -631,13 +797,15 @@ class MaskStore:
         their pruned positions count as newly pruned).
 
         Raises:
-            ValueError: if a new mask is not bool or its shape differs from the stored mask.
+            ValueError: if a new mask is not bool, its shape differs from the stored mask, or it breaks the store's
+                N:M :attr:`pattern` (nothing is changed then).
         """
         for name, mask in new_masks.items():
             _as_mask(name, mask)
             if name in self._masks and self._masks[name].shape != mask.shape:
                 stored = tuple(self._masks[name].shape)
                 raise ValueError(f"mask {name!r} has shape {tuple(mask.shape)}, stored {stored}")
+        _require_pattern(new_masks, self._pattern)
         newly_pruned, revived = {}, {}
         for name, mask in new_masks.items():
             current = self._masks.get(name)
@@ -680,6 +848,7 @@ class MaskStore:
             "format": _MASK_FILE_FORMAT,
             "format_version": _MASK_FILE_VERSION,
             "bitorder": _BITORDER,
+            "pattern": self._pattern,
             "shapes": {name: list(mask.shape) for name, mask in self._masks.items()},
         }
 
@@ -723,7 +892,11 @@ class MaskStore:
         if not isinstance(shapes, dict) or set(shapes) != set(arrays):
             raise MaskFileError(f"{path}: the shapes in the metadata do not list exactly the stored masks")
         masks = {name: _unpack(arrays[name], shapes[name], f"{path} [{name}]").to(device) for name in shapes}
-        return cls(masks)
+        try:
+            # Files written before patterns were recorded hold unstructured masks.
+            return cls(masks, pattern=metadata.get("pattern", UNSTRUCTURED))
+        except ValueError as error:
+            raise MaskFileError(f"{path}: {error}") from error
 
     def state_dict(self) -> dict[str, Any]:
         """Bit-packed CPU copy of the masks, for ``torch.save`` / accelerate's ``register_for_checkpointing``."""
@@ -752,6 +925,11 @@ class MaskStore:
             name: _unpack(bits.numpy(), shapes[name], f"state_dict [{name}]")
             for name, bits in packed.items()
         }
+        pattern = state.get("pattern", UNSTRUCTURED)
+        try:
+            _require_pattern(loaded, pattern)
+        except ValueError as error:
+            raise MaskFileError(f"state_dict: {error}") from error
         masks: dict[str, Tensor] = {}
         for name, mask in loaded.items():
             current = self._masks.get(name)
@@ -761,6 +939,7 @@ class MaskStore:
             else:
                 masks[name] = mask.to(device)
         self._masks = masks
+        self._pattern = pattern
         self._version += 1
 
 
@@ -778,17 +957,23 @@ def _copies_of(param: nn.Parameter) -> Iterator[tuple[str, Tensor]]:
 
 
 def check_masks(model: nn.Module, store: MaskStore) -> None:
-    """Check that every pruned position of every masked weight is exactly zero.
+    """Check that every pruned position of every masked weight is exactly zero, and, for a store with an N:M
+    :attr:`MaskStore.pattern`, that every mask is N:M (so the weights are: at most N non-zeros in each group of M).
 
     On DeepSpeed models both the visible weights and DeepSpeed's fp32 master copies are checked; on sharded backends
     this is a collective (call on every rank).
 
     Raises:
-        MaskViolationError: naming each offending parameter (and copy) with how many pruned positions are non-zero.
+        MaskViolationError: naming each offending parameter (and copy) with how many pruned positions are non-zero,
+            and each mask that breaks the store's N:M pattern with how many of its groups keep too many.
         ValueError: if the masks do not bind to ``model``.
     """
     bound = bind_masks(model, store)
+    nm = parse_pattern(store.pattern)
     problems = []
+    if nm is not None:
+        # The store refuses masks that break its pattern, but a mask tensor can be written in place: check again.
+        problems += [f"{line} (pattern {store.pattern})" for line in _pattern_problems(dict(store.items()), nm)]
     for name in sorted(bound):
         keep = store[name]
         pruned = keep.numel() - int(keep.sum())
@@ -797,16 +982,17 @@ def check_masks(model: nn.Module, store: MaskStore) -> None:
             if nonzero:
                 problems.append(f"{name} ({label}): {nonzero} of {pruned} pruned positions are non-zero")
     if problems:
-        raise MaskViolationError("pruned weights are non-zero:\n  " + "\n  ".join(problems))
+        raise MaskViolationError("pruned weights are non-zero or masks break their pattern:\n  "
+                                 + "\n  ".join(problems))
 
 
 def sparsity_report(model: nn.Module, store: MaskStore) -> dict[str, Any]:
     """Measured sparsity of ``model`` against ``store``.
 
-    Returns ``{"parameters": {mask name: {shape, numel, zeros, sparsity, target_sparsity}}, "targets": {numel, zeros,
-    sparsity, target_sparsity}, "model": {numel, zeros, sparsity}}``: ``zeros``/``sparsity`` are measured on the
-    weights, ``target_sparsity`` is the mask's; ``targets`` sums the masked weights (the encoder Linear layers by
-    default), ``model`` every parameter. A collective on sharded backends.
+    Returns ``{"pattern": store.pattern, "parameters": {mask name: {shape, numel, zeros, sparsity,
+    target_sparsity}}, "targets": {numel, zeros, sparsity, target_sparsity}, "model": {numel, zeros, sparsity}}``:
+    ``zeros``/``sparsity`` are measured on the weights, ``target_sparsity`` is the mask's; ``targets`` sums the masked
+    weights (the encoder Linear layers by default), ``model`` every parameter. A collective on sharded backends.
     """
     bound = bind_masks(model, store)
     name_of = {id(param): name for name, param in bound.items()}
@@ -832,6 +1018,7 @@ def sparsity_report(model: nn.Module, store: MaskStore) -> dict[str, Any]:
     target_zeros = sum(entry["zeros"] for entry in parameters.values())
     target_pruned = sum(entry["target_sparsity"] * entry["numel"] for entry in parameters.values())
     return {
+        "pattern": store.pattern,
         "parameters": {name: parameters[name] for name in store.names() if name in parameters},
         "targets": {
             "numel": target_numel,

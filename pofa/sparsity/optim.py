@@ -40,7 +40,7 @@ usual ones), call :meth:`MaskGuard.after_step_`.
 
 Cost: with hooks, one ``torch.where`` over each masked gradient per backward pass (memory-bound, a new tensor each
 time), so the share grows as micro-batches shrink. pofa's own loops use ``gradients="step"`` instead on plain and DDP
-parameters: one in-place ``masked_fill_`` per masked gradient per optimizer step, before clipping
+parameters: one in-place multiply by the mask per masked gradient per optimizer step, before clipping
 (``bench/bench_student_step.py`` measures both). Pruning events (every ~1000 steps) cost a magnitude selection per
 weight plus, for DeepSpeed/FSDP2, gathers of the weights and optimizer states.
 """
@@ -211,8 +211,11 @@ class MaskGuard:
             for name in self._masked_per_step:
                 grad = self._params[name].grad
                 if grad is not None:
-                    # masked_fill, not a multiply: an inf gradient (fp16 overflow) times 0 would be NaN.
-                    grad.masked_fill_(self._store[name].logical_not(), 0)
+                    # A multiply by the mask's bytes (a free view of the bool mask): vectorised, ~4x faster on CPU
+                    # than masked_fill_ with the inverted mask, and no new tensor. An overflowing (inf) pruned
+                    # gradient becomes NaN, so fp16's loss scaler skips the step, as it would for an overflow in
+                    # dense training.
+                    grad.mul_(self._store[name].view(torch.uint8))
 
     def full_weights(self) -> dict[str, Tensor]:
         """Mask name -> full, unsharded weight to rank by magnitude (DeepSpeed: the fp32 master copy).
@@ -241,9 +244,11 @@ class MaskGuard:
         optimizer: Any = None,
         scope: Literal["layer", "global"] = "layer",
         revive: PrunedValues | None = None,
+        pattern: str = "unstructured",
     ) -> MaskChanges:
         """Recompute the masks at ``sparsity`` by magnitude, update the store, enforce them; return what changed
-        (a dict of newly pruned positions, with the revived ones in ``.revived``).
+        (a dict of newly pruned positions, with the revived ones in ``.revived``). ``pattern`` (``"unstructured"``
+        or ``"N:M"``) is :func:`pofa.sparsity.masks.magnitude_masks`'s.
 
         Without ``revive``, previously pruned weights stay pruned (see :func:`magnitude_masks`). With ``revive`` (a
         :class:`pofa.sparsity.revival.PrunedValues` made from this guard's store), pruned positions compete by the
@@ -253,12 +258,13 @@ class MaskGuard:
         """
         weights = self.full_weights()
         if revive is None:
-            changes = self._store.update(magnitude_masks(weights, sparsity, scope=scope, previous=self._store))
+            changes = self._store.update(magnitude_masks(weights, sparsity, scope=scope, previous=self._store,
+                                                         pattern=pattern))
             self.enforce_(optimizer, changes)
             return changes
         held = revive.current_()  # the hidden originals of the pruned positions, as of now
         changes = self._store.update(
-            magnitude_masks(weights, sparsity, scope=scope, previous=self._store, revive=held)
+            magnitude_masks(weights, sparsity, scope=scope, previous=self._store, revive=held, pattern=pattern)
         )
         self._write_revived_(changes.revived, held)  # before record_, which forgets the revived values
         revive.record_(weights, changes)  # before enforce_, which zeroes the newly pruned weights

@@ -200,7 +200,7 @@ def test_sbatch_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
 
     from pofa.recipe import PretrainRecipe, load_recipe
 
-    done, calls = run_sbatch(tmp_path, "recipes/bert-base-sparse90.yaml", "training.per_device_batch_size=16")
+    done, calls = run_sbatch(tmp_path, "bert-base-sparse90", "training.per_device_batch_size=16")
     assert done.returncode == 0, done.stdout + done.stderr
     srun = [line for line in (tmp_path / "calls.log").read_text().splitlines() if line.startswith("srun")]
     assert len(srun) == 1 and "--kill-on-bad-exit=1" in srun[0] and "--cpus-per-task=64" in srun[0]
@@ -218,21 +218,23 @@ def test_sbatch_script_launches_one_accelerate_per_node_with_its_rank(tmp_path):
         load_config_from_file(str(REPO / config))
         script = words.index("pofa/pretrain.py")
         assert (REPO / words[script]).is_file()
-        assert words[script + 1:] == ["--recipe", "recipes/bert-base-sparse90.yaml",
-                                      "training.per_device_batch_size=16"]
-        recipe = load_recipe(REPO / words[script + 2], words[script + 3:], PretrainRecipe)
+        assert words[script + 1:] == ["--recipe", "bert-base-sparse90", "training.per_device_batch_size=16"]
+        recipe = load_recipe(words[script + 2], words[script + 3:], PretrainRecipe)  # a shipped recipe's name
         assert recipe.training.per_device_batch_size == 16
 
 
 def test_sbatch_script_takes_the_port_and_gpus_from_the_environment(tmp_path):
-    done, calls = run_sbatch(tmp_path, "recipes/bert-base-teacher.yaml", MASTER_PORT="29611", SLURM_GPUS_ON_NODE="4")
+    # A recipe given as a file path (relative to the submit directory) passes through as well as a name.
+    done, calls = run_sbatch(tmp_path, "pofa/recipes/bert-base-teacher.yaml", MASTER_PORT="29611",
+                             SLURM_GPUS_ON_NODE="4")
     assert done.returncode == 0, done.stdout + done.stderr
     assert [option(words, "--main_process_port") for words in calls] == ["29611", "29611"]
     assert [option(words, "--num_processes") for words in calls] == ["8", "8"]
 
 
-@pytest.mark.parametrize("args, message", [((), "usage: sbatch launch/slurm-multinode.sbatch RECIPE.yaml"),
-                                           (("recipes/no-such-recipe.yaml",), "no recipe file")])
+@pytest.mark.parametrize("args, message", [((), "usage: sbatch launch/slurm-multinode.sbatch RECIPE"),
+                                           (("no-such-recipe",), "no recipe file"),
+                                           (("runs/no-such-recipe.yaml",), "no recipe file")])
 def test_sbatch_script_refuses_to_start_without_a_recipe(tmp_path, args, message):
     done, calls = run_sbatch(tmp_path, *args)
     assert done.returncode == 2 and message in done.stderr and calls == []
@@ -247,4 +249,5 @@ def test_sbatch_commands_in_launch_readme_name_existing_files():
     for words in commands:
         script = next(i for i, w in enumerate(words) if w.endswith(".sbatch"))
         assert (REPO / words[script]).is_file(), words[script]
-        load_recipe(REPO / words[script + 1], words[script + 2:], PretrainRecipe)
+        recipe = REPO / words[script + 1] if (REPO / words[script + 1]).is_file() else words[script + 1]  # or a name
+        load_recipe(recipe, words[script + 2:], PretrainRecipe)

@@ -1,6 +1,6 @@
 """Every shipped recipe, as it is on disk, runs two optimizer steps through its real stage.
 
-Each file in recipes/ is loaded unchanged with `load_recipe` and only these dotted overrides, so that everything
+Each file in pofa/recipes/ is loaded unchanged with `load_recipe` and only these dotted overrides, so that everything
 else it sets (bf16, tensorboard, lr_rewind, distillation weights and positions, QAT, ONNX / compact export, sequence
 lengths, batch sizes) is exercised as the recipe has it:
 
@@ -34,12 +34,12 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from pofa.recipe import FinetuneRecipe, PretrainRecipe, load_recipe, recipe_class_for
+from pofa.recipe import FinetuneRecipe, PretrainRecipe, load_recipe, recipe_class_for, shipped_recipes
 from pofa.sparsity import DEFAULT_TARGETS, POOLER_TARGET, MaskStore, magnitude_masks, select_targets
 
 pytestmark = pytest.mark.slow
 
-RECIPES = sorted((Path(__file__).resolve().parents[2] / "recipes").glob("*.yaml"))
+RECIPES = list(shipped_recipes().values())
 STEPS = 2
 SPARSITY = 0.9  # of the tiny sparse model that sparse-transfer recipes start from
 PRETRAIN_BATCH = 8  # at most, sequences per pre-training micro-step (see `overrides_for`)
@@ -177,6 +177,18 @@ def corpus_stand_in(source: dict[str, Any], root: Path) -> dict[str, Any]:
     return {**kept, "files": [str(path)]}
 
 
+def task_row(spec, rng: random.Random, i: int) -> dict[str, Any]:
+    """One local example with `spec`'s columns: texts and a class id (cycling through the classes), a score in
+    [0, 5] (regression), or a word list with a tag per word (token classification)."""
+    if spec.kind == "token_classification":
+        words = rng.choices(WORDS, k=rng.randint(3, 12))
+        names = spec.label_names or ("O", "B-X", "I-X")
+        return {spec.text_fields[0]: words, spec.label_field: [names[(i + k) % len(names)] for k in range(len(words))]}
+    label = round(rng.uniform(0, 5), 2) if spec.kind == "regression" else i % max(spec.num_labels, 2)
+    return {**{f: " ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for f in spec.text_fields},
+            spec.label_field: label}
+
+
 def task_stand_in(spec, root: Path, *, n_train: int = 40, n_eval: int = 12) -> dict[str, str]:
     """Local files for every split of `spec`: JSON lines with its columns, or the SQuAD v1.1 JSON layout.
 
@@ -191,7 +203,7 @@ def task_stand_in(spec, root: Path, *, n_train: int = 40, n_eval: int = 12) -> d
     files = {}
     for split in spec.splits:
         n = n_train if split == "train" else n_eval
-        if spec.kind == "extractive_qa":
+        if spec.kind == "question_answering":
             paragraphs = []
             for c in range(max(1, n // 4)):
                 context = " ".join(rng.choices(WORDS, k=rng.randint(8, 40)))
@@ -204,8 +216,7 @@ def task_stand_in(spec, root: Path, *, n_train: int = 40, n_eval: int = 12) -> d
             path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paragraphs}]}))
         else:
             path = folder / f"{split}.jsonl"
-            rows = [{**{f: " ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for f in spec.text_fields},
-                     spec.label_field: i % spec.num_labels} for i in range(n)]
+            rows = [task_row(spec, rng, i) for i in range(n)]
             path.write_text("\n".join(json.dumps(r) for r in rows))
         files[split] = str(path)
     return files
@@ -272,9 +283,9 @@ def overrides_for(path: Path, raw: dict[str, Any], tiny: TinyModels, tmp_path: P
             values.update({f"pruning.{k}": v for k, v in scaled_pruning(raw["pruning"], training["max_steps"],
                                                                         STEPS).items()})
     else:
-        from pofa.data.tasks import get_task
+        from pofa.data.tasks import recipe_task_spec
 
-        spec = get_task(raw["task"]["name"])
+        spec = recipe_task_spec(load_recipe(path, (), FinetuneRecipe).task)
         sparse = raw.get("sparsity", {}).get("masks", "auto") != "none"
         # A model of a former pofa stage (runs/...) has masks.safetensors; a published sparse model only its zeros.
         from_pofa = raw["model"]["name_or_path"].startswith("runs/")
@@ -343,9 +354,9 @@ def test_recipe_runs_two_steps(path, tiny, data_root, tmp_path):
     elif cls is PretrainRecipe:
         assert not (final / "masks.safetensors").exists()
     else:
-        from pofa.data.tasks import get_task, metric_keys
+        from pofa.data.tasks import metric_keys, recipe_task_spec
 
-        spec = get_task(recipe.task.name)
+        spec = recipe_task_spec(recipe.task)
         evaluation = json.loads((final / "eval_results.json").read_text())
         assert set(evaluation["metrics"]) == set(metric_keys(spec))
         if recipe.sparsity.masks == "none":

@@ -146,3 +146,82 @@ def test_masks_are_fixed_after_the_last_pruning_step_even_with_revival(tiny_mode
     at_10 = MaskStore.load(tmp_path / "s" / "checkpoints" / "step-00000010" / "masks.safetensors")
     final = MaskStore.load(result.final_dir / "masks.safetensors")
     assert all(torch.equal(at_10[name], final[name]) for name in final.names())
+
+
+def attention_gap(student_dir, teacher_dir, tokenizer_dir) -> float:
+    """Mean attention KL between the student's single layer and the teacher's last, on fixed text."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from pofa.distill import attention_loss
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    batch = tokenizer(["the value of the object is returned by the method", "a class holds a list"],
+                      padding=True, return_tensors="pt")
+    outputs = []
+    for folder in (student_dir, teacher_dir):
+        model = AutoModelForMaskedLM.from_pretrained(folder, attn_implementation="eager").eval()
+        with torch.no_grad():
+            outputs.append(model(**batch, output_attentions=True).attentions[-1])
+    return attention_loss(outputs[0], outputs[1], batch["attention_mask"].bool()).item()
+
+
+def test_a_shallower_narrower_student_learns_the_teachers_hidden_states_and_attentions(tiny_model_dir, tmp_path,
+                                                                                      cache_dir, kill_after_checkpoint):
+    """A 1-layer, 16-wide student from scratch against the 2-layer, 32-wide teacher: uniform layer map (student
+    layer 1 with teacher layer 2), a learned projection for the hidden states, trained and checkpointed with the
+    student (a resume reproduces the run) but not saved in its final folder."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    from pofa.pretrain import train
+
+    # a teacher with peaked attention (a random tiny BERT attends almost uniformly: nothing to learn from)
+    teacher_dir = tmp_path / "teacher"
+    teacher = AutoModelForMaskedLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        for layer in teacher.bert.encoder.layer:
+            layer.attention.self.query.weight.mul_(8.0)
+            layer.attention.self.key.weight.mul_(8.0)
+    teacher.save_pretrained(teacher_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(teacher_dir)
+
+    def recipe(out):
+        r = tiny_recipe(tiny_model_dir, out, cache_dir,
+                        model={"from_scratch": True,
+                               "config_overrides": {"hidden_size": 16, "num_hidden_layers": 1,
+                                                    "num_attention_heads": 2, "intermediate_size": 32}},
+                        training={"max_steps": 16, "save_every": 4, "learning_rate": 1e-2},
+                        distillation={"teacher": str(teacher_dir), "hidden_weight": 1.0, "attention_weight": 10.0})
+        r.stage = "student"
+        return r
+
+    initial = recipe(tmp_path / "init")
+    initial.training.max_steps = 0  # the same seed draws the same initial student
+    untrained = train(initial)
+    straight = train(recipe(tmp_path / "straight"))
+    before = attention_gap(untrained.final_dir, teacher_dir, tiny_model_dir)
+    after = attention_gap(straight.final_dir, teacher_dir, tiny_model_dir)
+    assert after < 0.8 * before, (before, after)
+    # the projection trained beside the student is not part of the published model
+    _, info = AutoModelForMaskedLM.from_pretrained(straight.final_dir, output_loading_info=True)
+    assert not info["unexpected_keys"] and not info["missing_keys"]
+    saved = load_file(straight.final_dir / "model.safetensors")
+    assert not any("projection" in name for name in saved)
+
+    killed = recipe(tmp_path / "killed")
+    with pytest.raises(kill_after_checkpoint(8)):
+        train(killed)
+    resumed = train(killed, resume=True)
+    assert_same_safetensors(straight.final_dir / "model.safetensors", resumed.final_dir / "model.safetensors",
+                            "resumed with the projection vs the uninterrupted run")
+
+
+def test_intermediate_distillation_needs_a_layer_map_that_fits(tiny_model_dir, tmp_path, cache_dir):
+    from pofa.pretrain import train
+    from pofa.recipe import RecipeError
+
+    r = tiny_recipe(tiny_model_dir, tmp_path / "run", cache_dir,
+                    model={"from_scratch": True, "config_overrides": {"num_hidden_layers": 1}},
+                    training={"max_steps": 1},
+                    distillation={"teacher": str(tiny_model_dir), "hidden_weight": 1.0, "layer_map": "identity"})
+    with pytest.raises(RecipeError, match="identity needs equal depths, got student 1 and teacher 2"):
+        train(r)

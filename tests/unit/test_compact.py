@@ -11,6 +11,7 @@ from torch import nn
 from transformers import BertConfig, BertForMaskedLM, BertForSequenceClassification
 
 from pofa.compact import (
+    CODECS,
     CompactFormatError,
     compact_size_report,
     load_compact,
@@ -141,18 +142,68 @@ def test_int8_state_dict_needs_the_conversion(tmp_path):
     assert load_compact(path)["bert.encoder.layer.0.output.dense.weight"].dtype == torch.float32
 
 
-def test_size_report_90_percent_int8_is_15x_smaller(tmp_path):
+def test_size_report_90_percent_int8_is_20x_smaller_with_a_compressed_bitmask(tmp_path):
     model, masks = qat_trained(0.9, hidden_size=256, intermediate_size=1024, num_attention_heads=4)
-    report = compact_size_report(save_compact(model, tmp_path / "q.safetensors", masks=masks))
-    enc = report["encoder_linear_weights"]
-    assert enc["kept_fraction"] == pytest.approx(0.1, abs=0.01)
-    # 1 bit of bitmask + 10% x 8 bits = 1.8 bits per weight (+ per-row fp32 scales) against 32 bits.
-    assert enc["ratio"] >= 15.0, enc
-    assert report["model"]["ratio"] > 1.0 and report["file_bytes"] > 0
+    ratios = {}
+    for codec in CODECS:
+        report = compact_size_report(save_compact(model, tmp_path / f"q-{codec}.safetensors", masks=masks, codec=codec))
+        enc = report["encoder_linear_weights"]
+        assert enc["kept_fraction"] == pytest.approx(0.1, abs=0.01)
+        assert report["model"]["ratio"] > 1.0 and report["file_bytes"] > 0
+        ratios[codec] = enc["ratio"]
+    # Raw: 1 bit of bitmask + 10% x 8 bits = 1.8 bits per weight (+ per-row fp32 scales) against 32 bits. Coded, the
+    # bitmask of these random masks costs about 0.55 (zlib) or 0.49 (lzma) bit per weight: H(0.1) = 0.469.
+    assert 15.0 <= ratios["none"] < 32 / 1.8, ratios
+    assert ratios["zlib"] >= 20.0 and ratios["lzma"] >= ratios["zlib"], ratios
 
     model_fp, masks_fp = qat_trained(0.9, hidden_size=256, intermediate_size=1024, num_attention_heads=4)
-    fp = compact_size_report(save_compact(model_fp, tmp_path / "f.safetensors", masks=masks_fp, int8=False))
+    fp = compact_size_report(save_compact(model_fp, tmp_path / "f.safetensors", masks=masks_fp, int8=False,
+                                          codec="none"))
     assert 6.0 < fp["encoder_linear_weights"]["ratio"] < 32 / 4.2 + 0.5  # 1 + 3.2 bits per weight
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_every_codec_round_trips_bitwise(tmp_path, codec):
+    model, masks = qat_trained()
+    reference = load_compact(save_compact(model, tmp_path / "none.safetensors", masks=masks, codec="none"))
+    loaded = load_compact(save_compact(model, tmp_path / "q.safetensors", masks=masks, codec=codec))
+    assert set(loaded) == set(reference)
+    for name, tensor in reference.items():
+        assert_bitwise_equal(tensor, loaded[name], name)
+    floats = load_compact(save_compact(model.state_dict(), tmp_path / "f.safetensors", masks=masks, codec=codec))
+    for name in masks:
+        assert_bitwise_equal(model.state_dict()[name], floats[name], name)
+
+
+def test_version_1_files_are_still_read(tmp_path):
+    """A version-1 file is a version-2 file with raw bitmasks and no codec field."""
+    model, masks = qat_trained()
+    path = save_compact(model, tmp_path / "v2.safetensors", masks=masks, codec="none")
+    from safetensors.torch import load_file
+
+    header = json.loads(_metadata(path)["pofa"]) | {"format_version": 1}
+    for entry in header["compact"].values():
+        del entry["codec"]
+    v1 = tmp_path / "v1.safetensors"
+    save_file(load_file(str(path)), str(v1), metadata={"format": "pofa-compact", "pofa": json.dumps(header)})
+    for name, tensor in load_compact(path).items():
+        assert_bitwise_equal(tensor, load_compact(v1)[name], name)
+
+
+def test_unknown_codec_and_corrupt_compressed_bytes_raise(tmp_path):
+    model, masks = qat_trained()
+    with pytest.raises(ValueError, match="codec"):
+        save_compact(model, tmp_path / "x.safetensors", masks=masks, codec="brotli")
+    path = save_compact(model, tmp_path / "q.safetensors", masks=masks)
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    name = "bert.encoder.layer.1.output.dense.weight"
+    tensors[f"{name}/bitmask"] = tensors[f"{name}/bitmask"][: len(tensors[f"{name}/bitmask"]) // 2]
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=_metadata(path))
+    with pytest.raises(CompactFormatError, match=r"bad\.safetensors.*output\.dense\.weight.*zlib"):
+        load_compact(bad)
 
 
 def _metadata(path) -> dict[str, str]:

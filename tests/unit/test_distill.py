@@ -220,3 +220,118 @@ def test_span_kd_loss_validation(kwargs, match):
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=match):
         span_kd_loss(arguments.pop("student"), arguments.pop("teacher"), **arguments)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Intermediate layers: hidden states, attentions, layer maps
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_hidden_state_loss_through_a_projection_by_hand():
+    from torch import nn
+
+    from pofa.distill import hidden_state_loss
+
+    student = torch.tensor([[[1.0, 2.0]]])  # [batch 1, seq 1, width 2]
+    teacher = torch.tensor([[[1.0, 0.0, 4.0]]])  # width 3
+    projection = nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        projection.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))  # -> [1, 2, 3]
+    # squared errors 0, 4, 1 over 3 units
+    assert hidden_state_loss(student, teacher, projection=projection).item() == pytest.approx(5 / 3)
+    loss = hidden_state_loss(student, teacher, projection=projection)
+    loss.backward()
+    assert projection.weight.grad is not None and projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="hidden states differ in shape"):
+        hidden_state_loss(student, teacher)
+
+
+def test_attention_loss_by_hand_with_padding_and_masked_queries():
+    from pofa.distill import attention_loss
+
+    # one example, one head, 2 queries, 3 keys; key 2 is padding (teacher gives it 0)
+    teacher = torch.tensor([[[[0.5, 0.5, 0.0], [0.25, 0.75, 0.0]]]])
+    student = torch.tensor([[[[0.25, 0.25, 0.5], [0.5, 0.5, 0.0]]]])
+    kl_row0 = 0.5 * math.log(0.5 / 0.25) * 2  # the padding key adds nothing although the student puts 0.5 there
+    kl_row1 = 0.25 * math.log(0.25 / 0.5) + 0.75 * math.log(0.75 / 0.5)
+    assert attention_loss(student, teacher).item() == pytest.approx((kl_row0 + kl_row1) / 2, rel=1e-6)
+    only_first = torch.tensor([[True, False]])
+    assert attention_loss(student, teacher, only_first).item() == pytest.approx(kl_row0, rel=1e-6)
+    assert attention_loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-7)
+    none = torch.zeros(1, 2, dtype=torch.bool)
+    assert attention_loss(student.requires_grad_(), teacher, none).item() == 0.0
+
+
+def test_attention_loss_averages_heads_when_their_counts_differ():
+    from pofa.distill import attention_loss
+
+    torch.manual_seed(0)
+    teacher = torch.rand(2, 4, 3, 3).softmax(-1)
+    student = torch.rand(2, 2, 3, 3).softmax(-1)
+    expected = attention_loss(student.mean(1, keepdim=True), teacher.mean(1, keepdim=True))
+    assert attention_loss(student, teacher).item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match=r"\[batch, heads, query, key\]"):
+        attention_loss(student[0], teacher)
+
+
+@pytest.mark.parametrize("student,teacher,kind,expected", [
+    (4, 4, "identity", [(1, 1), (2, 2), (3, 3), (4, 4)]),
+    (4, 4, "uniform", [(1, 1), (2, 2), (3, 3), (4, 4)]),
+    (3, 12, "uniform", [(1, 4), (2, 8), (3, 12)]),
+    (6, 12, "uniform", [(1, 2), (2, 4), (3, 6), (4, 8), (5, 10), (6, 12)]),
+])
+def test_layer_map(student, teacher, kind, expected):
+    from pofa.distill import layer_map
+
+    assert layer_map(student, teacher, kind) == expected
+
+
+@pytest.mark.parametrize("student,teacher,kind,message", [
+    (2, 4, "identity", "identity needs equal depths"),
+    (4, 6, "uniform", "multiple of"),
+    (4, 2, "uniform", "multiple of"),
+    (0, 2, "uniform", ">= 1"),
+])
+def test_layer_map_refuses(student, teacher, kind, message):
+    from pofa.distill import layer_map
+
+    with pytest.raises(ValueError, match=message):
+        layer_map(student, teacher, kind)
+
+
+def test_intermediate_loss_for_a_shallower_narrower_student():
+    """A 2-layer, 16-wide student against a 4-layer, 32-wide teacher: the uniform map pairs student layer 1 with
+    teacher layer 2 and 2 with 4, hidden states go through a learned projection, attentions are compared per query."""
+    from torch import nn
+    from transformers import BertConfig, BertModel
+
+    from pofa.distill import attention_loss, hidden_state_loss, intermediate_loss, layer_map
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=50, intermediate_size=32, max_position_embeddings=16, attn_implementation="eager")
+    student = BertModel(BertConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, **common))
+    teacher = BertModel(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, **common)).eval()
+    ids = torch.randint(0, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    s = student(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    with torch.no_grad():
+        t = teacher(input_ids=ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    projection = nn.Linear(16, 32)
+    pairs = layer_map(2, 4)
+    valid = mask.bool()
+    total, parts = intermediate_loss(s.hidden_states, t.hidden_states, s.attentions, t.attentions, pairs=pairs,
+                                     mask=valid, hidden_weight=2.0, attention_weight=0.5, projection=projection)
+    hidden = torch.stack([hidden_state_loss(s.hidden_states[a], t.hidden_states[b], valid, projection)
+                          for a, b in [(0, 0), (1, 2), (2, 4)]]).mean()
+    attention = torch.stack([attention_loss(s.attentions[0], t.attentions[1], valid),
+                             attention_loss(s.attentions[1], t.attentions[3], valid)]).mean()
+    assert total.item() == pytest.approx(2.0 * hidden.item() + 0.5 * attention.item(), rel=1e-6)
+    assert parts["hidden_loss"].item() == pytest.approx(hidden.item(), rel=1e-6)
+    total.backward()
+    assert student.encoder.layer[0].attention.self.query.weight.grad.abs().sum() > 0
+    assert projection.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="both 0"):
+        intermediate_loss(s.hidden_states, t.hidden_states, None, None, pairs=pairs)
+    with pytest.raises(ValueError, match="no attentions"):
+        intermediate_loss(s.hidden_states, t.hidden_states, None, None, pairs=pairs, attention_weight=1.0)

@@ -175,9 +175,9 @@ def test_every_copied_path_exists_and_reaches_the_build_context(dockerfile):
     for source in copied:
         assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
         assert not ignored(source), f"COPY {source}: left out of the build context by .dockerignore"
-    # What README and the entry point run from the working directory: the code, the recipes, the launch files.
+    # What README and the entry point run from the working directory: the code (its recipes inside), the launch files.
     assert dockerfile.structure and instructions(dockerfile, "WORKDIR") == ["/workspace"]
-    assert {"pofa/", "recipes/", "launch/"} <= set(copied)
+    assert {"pofa/", "launch/"} <= set(copied)
 
 
 def test_entrypoint_shows_the_usage_and_runs_a_given_command(dockerfile):
@@ -189,7 +189,7 @@ def test_entrypoint_shows_the_usage_and_runs_a_given_command(dockerfile):
     usage = subprocess.run(["bash", str(local)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert usage.returncode == 0, usage.stderr
     assert "usage: docker run" in usage.stdout and "accelerate launch --config_file launch/" in usage.stdout
-    for path in re.findall(r"\b(?:launch|recipes)/[\w.-]+\.yaml", usage.stdout):
+    for path in re.findall(r"\b(?:launch|pofa/recipes)/[\w.-]+\.yaml", usage.stdout):
         assert (ROOT / path).is_file(), f"the usage names {path}, which does not exist"
     done = subprocess.run(["bash", str(local), "echo", "ran", "a command"], cwd=ROOT, capture_output=True, text=True,
                           timeout=60)

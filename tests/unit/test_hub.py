@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import sys
@@ -336,8 +337,15 @@ def test_card_body_sections(folder: Path) -> None:
     assert "CPython's documentation" in text and "[wikimedia/wikipedia]" in text  # each stage's data, in words
     assert 'AutoModelForMaskedLM.from_pretrained("pofa/tiny-bert-50")' in text
     assert 'AutoTokenizer.from_pretrained("pofa/tiny-bert-50")' in text
-    assert "pofa finetune --recipe path/to/finetune.yaml model.name_or_path=pofa/tiny-bert-50" in text
-    assert "masks.safetensors" in text and "keeps every pruned weight at zero" in text
+    finetune = text[text.index("## How to fine-tune it without losing the sparsity"):text.index("## Citation")]
+    # The user's own Trainer first, then a plain loop, then pofa's stage; a pre-trained model gets a task head.
+    trainer = finetune.index("callbacks=[lock]")
+    assert trainer < finetune.index("lock_sparsity(model, optimizer)") < finetune.index(
+        "pofa finetune --recipe glue-sst2-bert-base-sparse90 model.name_or_path=pofa/tiny-bert-50")
+    assert 'AutoModelForSequenceClassification.from_pretrained("pofa/tiny-bert-50", num_labels=2)' in finetune
+    assert "this repository's `masks.safetensors`" in finetune
+    for block in re.findall(r"```python\n(.*?)```", finetune, flags=re.S):
+        compile(block, "card", "exec")  # the snippets are Python as written
     assert "arXiv:2111.05754" in text and "Prune Once for All: Sparse Pre-Trained Language Models" in text
     assert "## ONNX" not in text and "## Int8 model" not in text
 

@@ -41,7 +41,7 @@ def test_lr_warmup_then_linear_decay():
         f(5, schedule="cosine")
 
 
-# Prune Once for All's student run (recipes/bert-base-sparse90.yaml): 100k steps, warm-up 1% (1,000 steps), sparsity
+# Prune Once for All's student run (recipe bert-base-sparse90): 100k steps, warm-up 1% (1,000 steps), sparsity
 # ramp 0-50k, an event every 1,000 steps. Expected values worked out by hand from the authors' formula
 # (get_linear_rewinding_schedule_with_warmup, api_utils.py of IntelLabs Model-Compression-Research-Package):
 # steps_without_ramp = 100000 - 50000 = 50000, slope = 50000 - 1000 = 49000.

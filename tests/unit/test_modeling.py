@@ -79,3 +79,24 @@ def test_keep_pooler_gives_a_fresh_one_where_the_checkpoint_has_none(tmp_path):
                                            hidden_dim=32)).save_pretrained(tmp_path / "distil")
     distil = load_mlm_model(str(tmp_path / "distil"), keep_pooler=True)  # the family has no pooler: nothing added
     assert not any("pooler" in name for name, _ in distil.named_parameters())
+
+
+@pytest.mark.parametrize("all_logits", [False, True])
+@pytest.mark.parametrize("distill_all", [False, True])
+def test_host_computed_indices_select_what_the_boolean_mask_selects(all_logits, distill_all):
+    """`selected_positions` on the host batch + index_select (no host sync on a GPU) == the boolean-mask path."""
+    from pofa.modeling import selected_positions
+
+    model = tiny_mlm(all_logits).eval()  # no dropout: the two calls must see the same network
+    ids = torch.randint(5, 50, (3, 12))
+    attention = torch.ones_like(ids)
+    attention[2, 9:] = 0
+    labels = torch.where(torch.rand(ids.shape) < 0.3, ids, -100)
+    labels[0, 1] = ids[0, 1]
+    mask = attention.bool() if distill_all else None
+    index = selected_positions(labels, attention if distill_all else None)
+    assert index.tolist() == (mask if distill_all else labels != -100).flatten().nonzero().squeeze(1).tolist()
+    by_mask = model(ids, attention, labels, distill_mask=mask)
+    by_index = model(ids, attention, labels, selected_index=index)
+    torch.testing.assert_close(by_index[0], by_mask[0])
+    torch.testing.assert_close(by_index[1], by_mask[1])

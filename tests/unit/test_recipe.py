@@ -4,7 +4,7 @@ import pytest
 
 from pofa.recipe import PretrainRecipe, RecipeError, apply_overrides, dump_recipe, load_recipe, recipe_from_dict
 
-RECIPES = Path(__file__).resolve().parents[2] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "pofa" / "recipes"
 
 
 def write(tmp_path, text: str) -> Path:
@@ -197,3 +197,79 @@ def test_output_dir_flag_is_taken_as_typed():
 
     for folder in ("runs/a #1", "runs: x", "1e4"):
         assert with_output_dir(PretrainRecipe(), folder).training.output_dir == folder
+
+
+# --- shipped recipes, by name ----------------------------------------------------------------------------------------
+
+
+def test_a_shipped_recipe_loads_by_name_and_a_file_by_path(tmp_path):
+    from pofa.recipe import FinetuneRecipe, RECIPES_DIR, recipe_class_for, recipe_path, shipped_recipes
+
+    assert recipe_path("bert-base-sparse90") == RECIPES_DIR / "bert-base-sparse90.yaml"
+    assert recipe_path("bert-base-sparse90.yaml") == RECIPES_DIR / "bert-base-sparse90.yaml"
+    assert load_recipe("quickstart-teacher").stage == "teacher"
+    assert recipe_class_for("quickstart-qat") is FinetuneRecipe
+    assert len(shipped_recipes()) >= 20 and set(shipped_recipes()) == {p.stem for p in RECIPES.glob("*.yaml")}
+    local = write(tmp_path, "training:\n  max_steps: 3\n")  # a file of the same name as given: the file wins
+    assert recipe_path(local) == local and load_recipe(local).training.max_steps == 3
+
+
+@pytest.mark.parametrize("given, message", [
+    ("recipes/bert-base-sparse90.yaml", r"not the name of a shipped recipe; did you mean the shipped recipe "
+                                        r"`bert-base-sparse90`\?"),
+    ("bert-base-sparse99", r"bert-base-sparse99: recipe file not found.*pofa recipes.*bert-base-sparse90"),
+])
+def test_an_unknown_recipe_names_the_shipped_ones(given, message):
+    with pytest.raises(RecipeError, match=message):
+        load_recipe(given)
+
+
+def test_every_recipe_key_is_documented():
+    from pofa.recipe import FinetuneRecipe, recipe_keys
+
+    for cls in (PretrainRecipe, FinetuneRecipe):
+        keys = recipe_keys(cls)
+        undocumented = [k.key for k in keys if k.type != "section" and not k.doc]
+        assert not undocumented, f"{cls.__name__}: fields without a docstring under them: {undocumented}"
+        assert len({k.key for k in keys}) == len(keys)
+
+
+def test_recipe_keys_give_type_default_and_the_field_docstring():
+    from pofa.recipe import FinetuneRecipe, recipe_keys
+
+    keys = {k.key: k for k in recipe_keys(FinetuneRecipe)}
+    lr = keys["training.learning_rate"]  # FinetuneTrainingConfig's own default and docstring over OptimConfig's
+    assert (lr.type, lr.default) == ("float", "2.0e-05") and lr.doc.startswith("Peak learning rate")
+    assert keys["training.adam_beta1"].doc == "AdamW beta1."  # inherited from OptimConfig
+    assert keys["training.mixed_precision"].type == "one of: no, bf16, fp16 or null"
+    assert keys["hub.repo_id"].default == "null" and keys["hub"].type == "section"
+    pretrain = {k.key: k for k in recipe_keys(PretrainRecipe)}
+    assert pretrain["data.sources"].default == "[{config: null, embedded: python-docs, files: [], hub: null, " \
+        "max_documents: null, revision: null, split: train, streaming: false, text_field: text}]"
+    assert pretrain["data.sources[].hub"].doc.startswith("A `datasets` Hub id")
+
+
+def test_the_description_of_a_recipe_is_its_first_sentence(tmp_path):
+    from pofa.recipe import recipe_description
+
+    path = write(tmp_path, "description: >-\n  Sparse transfer, e.g. to SST-2 (Zafrir et al. 2021). Second sentence.\n")
+    assert recipe_description(path) == "Sparse transfer, e.g. to SST-2 (Zafrir et al. 2021)."
+    assert recipe_description(write(tmp_path, "{}\n")) == ""
+
+
+@pytest.mark.parametrize("repo_id, message", [("no-owner", "names no owner"), ("a b/c", "not a Hub repository id")])
+def test_a_hub_repo_id_is_checked_before_any_work(tmp_path, repo_id, message):
+    with pytest.raises(RecipeError, match=f"hub.repo_id: .*{message}"):
+        load_recipe(write(tmp_path, "{}\n"), [f"hub.repo_id={repo_id}"])
+
+
+def test_a_pruning_ramp_whose_end_misses_every_event_is_refused():
+    """Masks change only at start_step + k x frequency: with end_step 10 and frequency 4 the last event is at 8
+    (sparsity short of the target) unless end_pruning_step lets one happen at 12."""
+    from pofa.recipe import PretrainRecipe, RecipeError, recipe_from_dict
+
+    ramp = {"enabled": True, "start_step": 0, "end_step": 10, "frequency": 4}
+    with pytest.raises(RecipeError, match=r"pruning.end_step: no pruning event falls at or after it .* >= 12"):
+        recipe_from_dict(PretrainRecipe, {"pruning": ramp, "training": {"max_steps": 20}})
+    recipe_from_dict(PretrainRecipe, {"pruning": {**ramp, "end_pruning_step": 12}, "training": {"max_steps": 20}})
+    recipe_from_dict(PretrainRecipe, {"pruning": {**ramp, "end_step": 12}, "training": {"max_steps": 20}})

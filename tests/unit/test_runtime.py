@@ -1,4 +1,5 @@
-"""Sparse CPU execution matches dense; the latency benchmark runs (no timing assertions, ever)."""
+"""Sparse CPU execution matches dense (fp32) and the QAT model (int8); the latency benchmark runs (no timing
+assertions, ever)."""
 
 from __future__ import annotations
 
@@ -9,11 +10,13 @@ import torch
 from torch import nn
 from transformers import BertConfig, BertModel
 
+from pofa.quant.qat import FakeQuantLinear
 from pofa.runtime import (
     CSRLinear,
     NumbaCSRLinear,
     SparseRuntimeConfig,
     benchmark_latency,
+    compiler_available,
     numba_available,
     sparsify_,
 )
@@ -88,21 +91,180 @@ def test_config_validation():
     assert SparseRuntimeConfig(backend="auto").resolved_backend() == ("numba" if numba_available() else "torch")
 
 
-def test_benchmark_latency_reports_every_variant(tmp_path):
-    from pofa.quant import QATConfig, export_onnx, prepare_qat_
+# ---------------------------------------------------------------------------------------------------------------
+# Sparse int8
+# ---------------------------------------------------------------------------------------------------------------
 
-    model = tiny_pruned_encoder()
-    qat = prepare_qat_(copy.deepcopy(model), QATConfig()).train()
-    ids = torch.randint(1, 100, (2, 8))
+needs_compiler = pytest.mark.skipif(not compiler_available(), reason="no C compiler for the sparse int8 kernel")
+
+
+def _isa_paths() -> list[str]:
+    """Every path of sparse_int8.c this CPU can run: native, and on x86 the AVX2 and portable builds."""
+    import platform
+
+    flags = open("/proc/cpuinfo").read() if platform.system() == "Linux" else ""
+    paths = ["native"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        paths += (["haswell"] if " avx2 " in flags and " fma " in flags and " bmi2 " in flags else []) + ["x86-64"]
+    return paths
+
+
+def qat_linear(in_features: int, out_features: int, *, bias: bool = True, per_channel: bool = True,
+               activation_bits: int = 8, seed: int = 0) -> FakeQuantLinear:
+    """A 90%-sparse FakeQuantLinear whose observer saw one batch (a negative-to-positive activation range)."""
+    from pofa.quant import QATConfig, prepare_qat_
+
+    torch.manual_seed(seed)
+    holder = nn.Sequential(pruned_linear(in_features, out_features, 0.9, bias=bias))
+    config = QATConfig(per_channel=per_channel, activation_bits=activation_bits)
+    prepare_qat_(holder, config, filter_fn=lambda m, fqn: True).train()
     with torch.no_grad():
-        qat(input_ids=ids)
-    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    onnx_path = export_onnx(qat, example, tmp_path / "q.onnx", int8=True)
+        holder(torch.randn(64, in_features) * 2 + 0.5)
+    return holder[0].eval()
 
-    rows = benchmark_latency(model, batch_sizes=(1, 2), seq_len=8, onnx_int8_path=onnx_path, repeats=2, warmup=1)
-    expected_variants = {"dense_fp32", "sparse_torch", "onnx_int8"} | ({"sparse_numba"} if numba_available() else set())
-    assert {r["variant"] for r in rows} == expected_variants
-    assert len(rows) == 2 * len(expected_variants)
+
+@needs_compiler
+@pytest.mark.parametrize("arch", _isa_paths())
+@pytest.mark.parametrize(
+    "shape, in_features, out_features, kwargs",
+    [((3, 70), 48, 40, {}),                      # tokens not a multiple of any token block
+     ((1, 5), 50, 33, {"bias": False}),          # in_features not a multiple of 4, rows not a multiple of 16
+     ((2, 128), 64, 96, {"per_channel": False}),  # one weight scale; two token blocks of 64 / four of 32
+     ((7,), 48, 16, {"activation_bits": 6})],
+)
+def test_sparse_int8_linear_computes_what_the_qat_linear_does(arch, shape, in_features, out_features, kwargs):
+    from pofa.runtime import SparseInt8Linear, sparse_int8_kernel
+
+    fq = qat_linear(in_features, out_features, **kwargs)
+    kernel = sparse_int8_kernel(arch)
+    sparse = SparseInt8Linear.from_qat(fq, kernel)
+    x = torch.randn(*shape, in_features) * 3  # beyond the observed range: clamping is exercised too
+    with torch.no_grad():
+        expected = fq(x)
+        got = sparse(x)
+    assert got.shape == expected.shape and got.dtype == torch.float32
+    # The same integers; only the float rounding of the QAT model's float matmul differs.
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+@needs_compiler
+def test_packing_keeps_only_groups_with_a_non_zero_and_folds_the_zero_point():
+    from pofa.quant.qat import ActivationQuant
+    from pofa.runtime import pack_sparse_int8
+
+    q = torch.zeros(3, 9, dtype=torch.int8)
+    q[0, 0], q[0, 5], q[0, 8], q[2, 3] = 5, -7, 127, -1  # row 0: groups 0, 1, 2; row 1: none; row 2: group 0
+    packed = pack_sparse_int8(q, torch.tensor([0.5, 1.0, 2.0]), ActivationQuant(0.25, 10, 8))
+    assert packed.row_ptr.tolist() == [0, 3, 3, 4]
+    assert packed.group.tolist() == [0, 1, 2, 0]
+    words = packed.word.view(torch.int8).reshape(-1, 4)
+    assert words.tolist() == [[5, 0, 0, 0], [0, -7, 0, 0], [127, 0, 0, 0], [0, 0, 0, -1]]
+    assert packed.out_offset.tolist() == [10 * 125, 0, -10]
+    assert packed.out_scale.tolist() == [0.125, 0.25, 0.5]
+    with pytest.raises(ValueError, match="int8"):
+        pack_sparse_int8(q.float(), torch.ones(3), ActivationQuant(0.25, 10, 8))
+    with pytest.raises(ValueError, match="scales"):
+        pack_sparse_int8(q, torch.ones(2), ActivationQuant(0.25, 10, 8))
+
+
+def tiny_qat_classifier(quantize_embeddings: bool = False):
+    from transformers import BertForSequenceClassification
+
+    from pofa.quant import QATConfig, prepare_qat_
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY, num_labels=3))
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and ".encoder.layer." in f".{name}.":
+            with torch.no_grad():
+                module.weight.mul_(torch.rand_like(module.weight) >= 0.9)
+    prepare_qat_(model, QATConfig(quantize_embeddings=quantize_embeddings)).train()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _ in range(3):
+            ids = torch.randint(1, 100, (4, 12), generator=g)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    return model.eval()
+
+
+def padded_batch(seed: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 100, (6, 19), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 11:] = 0
+    mask[4, 3:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+@needs_compiler
+@pytest.mark.parametrize("quantize_embeddings", [False, True])
+def test_sparse_int8_model_matches_the_qat_model(quantize_embeddings):
+    from pofa.runtime import SparseInt8Linear, sparse_int8_
+
+    qat = tiny_qat_classifier(quantize_embeddings)
+    runtime = sparse_int8_(copy.deepcopy(qat))
+    swapped = [m for m in runtime.modules() if isinstance(m, SparseInt8Linear)]
+    assert len(swapped) == 2 * 6
+    assert type(runtime.classifier) is nn.Linear and type(runtime.bert.pooler.dense) is nn.Linear  # heads: torch
+    assert type(runtime.bert.embeddings.word_embeddings) is nn.Embedding
+    with torch.no_grad():
+        expected = qat(**padded_batch()).logits
+        got = runtime(**padded_batch()).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert torch.equal(got.argmax(-1), expected.argmax(-1))
+
+
+@needs_compiler
+def test_load_sparse_model_reads_a_qat_folder_and_a_float_folder(tmp_path):
+    from pofa.artifacts import COMPACT_FILE
+    from pofa.compact import load_compact_model, save_compact
+    from pofa.runtime import SparseInt8Linear, load_sparse_model
+
+    qat = tiny_qat_classifier()
+    qat.config.save_pretrained(tmp_path / "qat")
+    save_compact(qat, tmp_path / "qat" / COMPACT_FILE)
+    reference = load_compact_model(tmp_path / "qat" / COMPACT_FILE, tmp_path / "qat")  # the QAT model of the file
+    runtime = load_sparse_model(tmp_path / "qat")
+    assert any(isinstance(m, SparseInt8Linear) for m in runtime.modules()) and not runtime.training
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(**padded_batch()).logits, reference(**padded_batch()).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+    dense = tiny_pruned_encoder()
+    dense.save_pretrained(tmp_path / "fp32")
+    csr = load_sparse_model(tmp_path / "fp32", config=SparseRuntimeConfig(backend="torch"))
+    assert sum(isinstance(m, CSRLinear) for m in csr.modules()) == 2 * 6
+    with torch.no_grad():
+        torch.testing.assert_close(csr(**padded_batch()).last_hidden_state,
+                                   dense(**padded_batch()).last_hidden_state, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="QAT"):
+        load_sparse_model(tmp_path / "fp32", int8=True)
+    with pytest.raises(FileNotFoundError):
+        load_sparse_model(tmp_path / "nothing")
+
+
+def test_benchmark_latency_reports_every_variant():
+    from pofa.runtime import VARIANTS
+
+    qat = tiny_qat_classifier()
+    dense = tiny_qat_classifier()
+    from pofa.runtime import without_fake_quant_
+
+    without_fake_quant_(dense)
+    variants = list(VARIANTS) if compiler_available() else [v for v in VARIANTS if v != "pofa_sparse_int8"]
+    rows = benchmark_latency(dense, qat_model=qat, batch_sizes=(1, 2), seq_len=8, repeats=2, warmup=1,
+                             variants=variants)
+    assert [r["variant"] for r in rows] == variants * 2
     for row in rows:
         assert row["latency_ms"] > 0 and row["speedup_vs_dense"] > 0 and row["repeats"] == 2
-    assert all(r["speedup_vs_dense"] == 1.0 for r in rows if r["variant"] == "dense_fp32")
+        assert row["speedup_vs_ort_int8_dense"] > 0
+    assert all(r["speedup_vs_dense"] == 1.0 for r in rows if r["variant"] == "torch_fp32_dense")
+    assert all(r["speedup_vs_ort_int8_dense"] == 1.0 for r in rows if r["variant"] == "ort_int8_dense")
+
+    # Without a QAT model, the variants that need one are left out by default, and refused when asked for.
+    plain = benchmark_latency(dense, batch_sizes=(1,), seq_len=8, repeats=1, warmup=0)
+    assert {r["variant"] for r in plain} == set(VARIANTS) - {"pofa_int8_onnx", "pofa_sparse_int8"}
+    with pytest.raises(ValueError, match="QAT"):
+        benchmark_latency(dense, variants=["pofa_sparse_int8"])
+    with pytest.raises(ValueError, match="unknown"):
+        benchmark_latency(dense, variants=["onnx_int8"])

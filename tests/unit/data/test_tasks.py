@@ -18,14 +18,22 @@ from pofa.data.tasks import (
     SQUAD_FEATURES,
     TASKS,
     HubUnreachableError,
+    MissingColumnError,
     TaskDataError,
     TaskSpec,
+    align_word_labels,
+    decode_answers,
     load_task,
+    parse_conll,
     postprocess_squad_predictions,
     prepare_squad_train_features,
+    score_predictions,
     squad_references,
+    task_spec,
     tokenize_classification,
     tokenize_squad,
+    tokenize_token_classification,
+    with_label_names,
 )
 from pofa.metrics import squad_metrics
 
@@ -68,7 +76,9 @@ def squad_example(answer: str, qid: str = "q1") -> dict:
 
 
 def test_task_specs_follow_the_paper_and_hub():
-    assert set(TASKS) == {"mnli", "qqp", "qnli", "sst2", "squad", "snli", "movie_reviews"}
+    glue = {"cola", "sst2", "mrpc", "qqp", "stsb", "mnli", "qnli", "rte", "wnli"}
+    assert set(TASKS) == glue | {"squad", "squad_v2", "snli", "movie_reviews"}
+    assert all((TASKS[n].hub_path, TASKS[n].hub_config) == ("nyu-mll/glue", n) for n in glue)
     mnli = TASKS["mnli"]
     assert (mnli.hub_path, mnli.hub_config) == ("nyu-mll/glue", "mnli")
     assert mnli.eval_splits == ("validation_matched", "validation_mismatched")
@@ -79,6 +89,17 @@ def test_task_specs_follow_the_paper_and_hub():
     assert TASKS["sst2"].text_fields == ("sentence",)
     assert (TASKS["squad"].hub_path, TASKS["squad"].metrics) == ("rajpurkar/squad", ("exact_match", "f1"))
     assert TASKS["snli"].num_labels == 3 and TASKS["movie_reviews"].num_labels == 2
+    # The GLUE leaderboard's metrics; label names in the order of the Hub data set's ClassLabels.
+    assert TASKS["cola"].metrics == ("matthews_correlation",)
+    assert TASKS["cola"].label_names == ("unacceptable", "acceptable")
+    assert (TASKS["mrpc"].metrics, TASKS["mrpc"].label_names) == (("accuracy", "f1"), ("not_equivalent", "equivalent"))
+    assert TASKS["wnli"].label_names == ("not_entailment", "entailment")
+    assert TASKS["rte"].label_names == ("entailment", "not_entailment")
+    stsb = TASKS["stsb"]
+    assert (stsb.kind, stsb.num_labels, stsb.metrics) == ("regression", 1, ("pearson", "spearman"))
+    v2 = TASKS["squad_v2"]
+    assert (v2.hub_path, v2.hub_config, v2.unanswerable) == ("rajpurkar/squad_v2", "squad_v2", True)
+    assert {"best_f1", "best_f1_thresh"} <= set(v2.metrics)
 
 
 def test_task_spec_validates_itself():
@@ -89,8 +110,8 @@ def test_task_spec_validates_itself():
 
 
 def test_unknown_task_lists_known_ones():
-    with pytest.raises(ValueError, match=r"unknown task 'mrpc'.*'mnli'.*'sst2'"):
-        load_task("mrpc")
+    with pytest.raises(ValueError, match=r"unknown task 'boolq'.*'mnli'.*'sst2'"):
+        load_task("boolq")
 
 
 # --- local files ----------------------------------------------------------------------------------------------
@@ -431,3 +452,192 @@ def test_load_task_movie_reviews_offline_source():
     assert (len(splits["validation"]), len(splits["test"])) == (1056, 1056)
     assert splits["test"].column_names == ["sentence", "label"]
     assert splits["test"].features["label"].names == ["negative", "positive"]
+
+
+# --- any task: specs from a recipe's fields ----------------------------------------------------------------------
+
+
+def test_task_spec_of_an_unknown_name_needs_kind_and_columns():
+    with pytest.raises(ValueError, match=r"^name: 'my_task' is not a known task.*kind"):
+        task_spec("my_task")
+    with pytest.raises(ValueError, match=r"^text_fields: .*'my_task'"):
+        task_spec("my_task", kind="classification")
+    with pytest.raises(ValueError, match=r"^kind: task 'mnli' is classification, not regression"):
+        task_spec("mnli", kind="regression")
+    with pytest.raises(ValueError, match=r"^label_names: "):
+        task_spec("scores", kind="regression", text_fields=["a"], label_names=["x", "y"])
+    with pytest.raises(ValueError, match=r"^metrics: .*\['pearson'\]"):
+        task_spec("x", kind="classification", text_fields=["a"], metrics=["pearson"])
+    spec = task_spec("ner", kind="token_classification")
+    assert (spec.text_fields, spec.label_field, spec.eval_splits) == (("tokens",), "ner_tags", ("validation",))
+    assert spec.metrics == ("precision", "recall", "f1", "accuracy")
+    qa = task_spec("faq", kind="question_answering", unanswerable=True, text_fields=["q", "passage"])
+    assert qa.text_fields == ("question", "context") and "best_f1" in qa.metrics
+    assert task_spec("cola").metrics == ("matthews_correlation",)
+    assert task_spec("sst2", dataset="me/sst2-copy").hub_path == "me/sst2-copy"
+
+
+def write_jsonl(path, rows):
+    path.write_text("\n".join(json.dumps(r) for r in rows), encoding="utf-8")
+    return path
+
+
+def test_labels_found_in_the_data_are_sorted_and_saved_as_class_names(tmp_path):
+    spec = task_spec("topics", kind="classification", text_fields=["text"], label_field="topic",
+                     metrics=["accuracy", "macro_f1"])
+    train = write_jsonl(tmp_path / "train.jsonl", [{"text": t, "topic": c} for t, c in
+                                                   [("a", "sport"), ("b", "art"), ("c", "news"), ("d", "art")]])
+    dev = write_jsonl(tmp_path / "dev.jsonl", [{"text": "e", "topic": "news"}])
+    splits = load_task(spec, data_files={"train": train, "validation": dev}, cache_dir=tmp_path / "cache")
+    assert with_label_names(spec, splits).label_names == ("art", "news", "sport")
+    assert splits["train"]["topic"][:] == [2, 0, 1, 0] and splits["validation"]["topic"][:] == [1]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"text": "e", "topic": "weather"}])
+    with pytest.raises(TaskDataError, match=r"bad\.jsonl.*'weather' at row 0.*\['art', 'news', 'sport'\]"):
+        load_task(spec, data_files={"train": train, "validation": bad}, cache_dir=tmp_path / "cache")
+
+
+def test_integer_labels_found_in_the_data_are_named_by_value(tmp_path):
+    # Star ratings 1, 2 and 5: three classes named "1", "2", "5" (ids 0, 1, 2), not six classes 0-5.
+    spec = task_spec("stars", kind="classification", text_fields=["review"], label_field="stars")
+    train = write_jsonl(tmp_path / "train.jsonl", [{"review": "x", "stars": s} for s in (5, 1, 2, 5)])
+    splits = load_task(spec, data_files={"train": train}, cache_dir=tmp_path / "cache")
+    assert with_label_names(spec, splits).label_names == ("1", "2", "5")
+    assert splits["train"]["stars"][:] == [2, 0, 1, 2]
+
+
+def test_hub_class_label_names_are_the_label_set(monkeypatch):
+    features = Features({"text": Value("string"), "label": ClassLabel(names=["sad", "happy", "angry"])})
+
+    def fake_hub(path, name=None, revision=None, **kwargs):
+        assert (path, name, revision) == ("me/emotions", "split", "refs/convert/parquet")
+        rows = Dataset.from_dict({"text": ["a", "b"], "label": [2, 0]}, features=features)
+        return DatasetDict({"train": rows, "test": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_hub)
+    spec = task_spec("emotions", kind="classification", dataset="me/emotions", dataset_config="split",
+                     dataset_revision="refs/convert/parquet", text_fields=["text"], eval_splits=["test"])
+    splits = load_task(spec)
+    assert with_label_names(spec, splits).label_names == ("sad", "happy", "angry")
+    assert splits["test"]["label"][:] == [2, 0]
+
+
+def test_regression_scores_are_float32_and_checked(tmp_path):
+    path = tmp_path / "dev.csv"
+    path.write_text("sentence1,sentence2,label\na,b,4.25\nc,d,0\n", encoding="utf-8")
+    data = load_task("stsb", data_files={"validation": path}, cache_dir=tmp_path / "cache")["validation"]
+    assert data.features["label"] == Value("float32")
+    assert data["label"][:] == [4.25, 0.0]
+    path.write_text("sentence1,sentence2,label\na,b,high\n", encoding="utf-8")
+    with pytest.raises(TaskDataError, match=r"dev\.csv.*score column 'label' holds (large_)?string, not numbers"):
+        load_task("stsb", data_files={"validation": path}, cache_dir=tmp_path / "cache2")
+
+
+def test_missing_column_error_names_the_task_field(tmp_path):
+    path = write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x"}])
+    spec = task_spec("t", kind="classification", text_fields=["sentence"])
+    with pytest.raises(MissingColumnError, match=r"'sentence'.*\['text', 'label'\]") as caught:
+        load_task(spec, data_files={"train": path}, cache_dir=tmp_path / "cache")
+    assert caught.value.field == "text_fields"
+    spec = task_spec("t", kind="classification", text_fields=["text"], label_field="gold")
+    with pytest.raises(MissingColumnError) as caught:
+        load_task(spec, data_files={"train": path}, cache_dir=tmp_path / "cache")
+    assert caught.value.field == "label_field"
+
+
+# --- token classification -------------------------------------------------------------------------------------
+
+
+CONLL = """-DOCSTART- -X- -X- O
+
+the DT B-NP O
+cat NN I-NP B-ANIMAL
+sat VBD B-VP O
+
+tom NNP B-NP B-PERSON
+ran VBD B-VP O
+"""
+
+
+def test_conll_file_reads_words_and_last_column_tags(tmp_path):
+    path = tmp_path / "train.conll"
+    path.write_text(CONLL, encoding="utf-8")
+    spec = task_spec("ner", kind="token_classification")
+    splits = load_task(spec, data_files={"train": path}, cache_dir=tmp_path / "cache")
+    ner = with_label_names(spec, splits)
+    assert ner.label_names == ("B-ANIMAL", "B-PERSON", "O")
+    assert splits["train"]["tokens"][:] == [["the", "cat", "sat"], ["tom", "ran"]]
+    assert splits["train"]["ner_tags"][:] == [[2, 0, 2], [1, 2]]
+    with pytest.raises(TaskDataError, match=r":2: expected a word and its tag"):
+        parse_conll("a O\nlonely\n", "x.conll")
+
+
+def test_token_tags_must_match_the_words(tmp_path):
+    path = write_jsonl(tmp_path / "dev.jsonl", [{"tokens": ["a", "b"], "ner_tags": ["O"]}])
+    with pytest.raises(TaskDataError, match=r"example 0 has 2 words in 'tokens' but 1 tags in 'ner_tags'"):
+        load_task(task_spec("ner", kind="token_classification", label_names=["O", "B-X"]),
+                  data_files={"validation": path}, cache_dir=tmp_path / "cache")
+
+
+def test_word_labels_go_to_the_first_sub_token_only(tmp_path):
+    vocab_file = tmp_path / "vocab.txt"
+    vocab_file.write_text("\n".join([*VOCAB, "##s", "##ed"]) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizerFast(vocab=str(vocab_file), model_max_length=64)
+    spec = task_spec("ner", kind="token_classification", label_names=["O", "B-ANIMAL", "B-PERSON"])
+    data = Dataset.from_dict({"tokens": [["tom", "named", "cats"]], "ner_tags": [[2, 0, 1]]})
+    row = tokenize_token_classification(data, tokenizer, spec, max_length=16)[0]
+    # [CLS] tom named cat ##s [SEP]: "cats" is two sub-tokens; only "cat" carries its label.
+    assert row["input_ids"] == [CLS, 16, 15, 9, len(VOCAB), SEP]
+    assert row["labels"] == [-100, 2, 0, 1, -100, -100]
+    assert align_word_labels([None, 0, 0, 1, None], [5, 7]) == [-100, 5, -100, 7, -100]
+
+
+def test_token_scores_use_each_words_first_sub_token():
+    spec = task_spec("ner", kind="token_classification", label_names=["O", "B-PER", "I-PER"])
+    features = Dataset.from_dict({"labels": [[-100, 1, 2, -100, 0, -100], [-100, 1, -100]]})
+    logits = np.zeros((2, 6, 3))
+    # Sentence 0: B-PER I-PER O predicted right at the scored positions; the ignored position 3 says I-PER
+    # strongly and must not count. Sentence 1: "O" predicted where B-PER is gold.
+    logits[0, 1, 1] = logits[0, 2, 2] = logits[0, 4, 0] = logits[0, 3, 2] = 5.0
+    logits[1, 1, 0] = 5.0
+    metrics = score_predictions(spec, features, features, [logits])
+    # Entities: gold PER(0-1), PER(1st word of sentence 2); found PER(0-1): P 1, R 1/2. Words: 3 of 4 right.
+    assert metrics == pytest.approx({"precision": 1.0, "recall": 0.5, "f1": 2 / 3, "accuracy": 0.75})
+
+
+# --- SQuAD v2: unanswerable questions ---------------------------------------------------------------------------
+
+
+def test_squad_v1_evaluation_needs_answers_v2_does_not(tmp_path):
+    row = squad_example("tom")
+    row["answers"] = {"text": [], "answer_start": []}
+    path = write_jsonl(tmp_path / "dev.jsonl", [row])
+    with pytest.raises(TaskDataError, match=r"'q1' has no answer.*squad_v2"):
+        load_task("squad", data_files={"validation": path}, cache_dir=tmp_path / "cache")
+    data = load_task("squad_v2", data_files={"validation": path}, cache_dir=tmp_path / "cache")["validation"]
+    assert squad_references(data) == {"q1": []}
+
+
+def test_no_answer_when_the_null_score_beats_the_best_span(tokenizer):
+    examples = Dataset.from_list([squad_example("tom", "has"), squad_example("tom", "none")],
+                                 features=SQUAD_FEATURES)
+    examples = examples.map(lambda r: {"answers": {"text": [], "answer_start": []}} if r["id"] == "none" else r)
+    features = tokenize_squad(examples, tokenizer, train=False, max_length=MAX_LENGTH, doc_stride=DOC_STRIDE)
+    start, end = hand_logits(len(features), MAX_LENGTH)
+    # Windows 0-3 belong to "has", 4-7 to "none". "tom" (window 2) scores 3 + 3 = 6 for both examples; [CLS]
+    # scores 1 + 1 = 2 in every window of "has" (null odds 2 - 6 = -4) and 5 + 5 = 10 in "none" (odds +4).
+    start[:, 0] = end[:, 0] = 1.0
+    start[4:, 0] = end[4:, 0] = 5.0
+    for window in (2, 6):
+        start[window, position(2, 10)] = end[window, position(2, 10)] = 3.0
+    decoded = decode_answers(examples, features, start, end, unanswerable=True)
+    assert decoded.answers == {"has": "tom", "none": ""}
+    assert decoded.null_odds == {"has": pytest.approx(-4.0), "none": pytest.approx(4.0)}
+    assert decode_answers(examples, features, start, end, unanswerable=True,
+                          null_score_diff_threshold=5.0).answers == {"has": "tom", "none": "tom"}
+    spec = TASKS["squad_v2"]
+    metrics = score_predictions(spec, examples, features, [start, end])
+    assert (metrics["exact_match"], metrics["f1"]) == (100.0, 100.0)
+    # Threshold 5: "none" answered "tom" (wrong). The best threshold (the official search) is back at -4.
+    at_five = score_predictions(spec, examples, features, [start, end], null_score_diff_threshold=5.0)
+    assert at_five["exact_match"] == 50.0
+    assert (at_five["best_exact_match"], at_five["best_exact_match_thresh"]) == (100.0, pytest.approx(-4.0))
