@@ -291,17 +291,19 @@ def _exact_match_one(prediction: str, ground_truth: str) -> bool:
     return normalize_answer(prediction) == normalize_answer(ground_truth)
 
 
-def _f1_one(prediction: str, ground_truth: str) -> float:
-    prediction_tokens = normalize_answer(prediction).split()
-    ground_truth_tokens = normalize_answer(ground_truth).split()
-    common = Counter(prediction_tokens) & Counter(ground_truth_tokens)
-    num_same = sum(common.values())
+def _token_f1(prediction_tokens: list[str], gold_tokens: list[str]) -> float:
+    """F1 of the tokens two answers share (a bag of tokens), as both official SQuAD scripts compute it."""
+    num_same = sum((Counter(prediction_tokens) & Counter(gold_tokens)).values())
     if num_same == 0:
         # Also covers an empty prediction or an answer made only of articles/punctuation, as the official script.
         return 0.0
     precision = num_same / len(prediction_tokens)
-    recall = num_same / len(ground_truth_tokens)
+    recall = num_same / len(gold_tokens)
     return 2 * precision * recall / (precision + recall)
+
+
+def _f1_one(prediction: str, ground_truth: str) -> float:
+    return _token_f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
 def _ground_truth_list(ground_truths: Sequence[str] | str) -> Sequence[str]:
@@ -365,13 +367,7 @@ def _v2_f1(gold: str, prediction: str) -> float:
     if not gold_tokens or not prediction_tokens:
         # v2: when either is "no answer", F1 is 1 if both are, else 0 (v1.1 would say 0 for both).
         return float(gold_tokens == prediction_tokens)
-    common = Counter(gold_tokens) & Counter(prediction_tokens)
-    num_same = sum(common.values())
-    if num_same == 0:
-        return 0.0
-    precision = num_same / len(prediction_tokens)
-    recall = num_same / len(gold_tokens)
-    return 2 * precision * recall / (precision + recall)
+    return _token_f1(prediction_tokens, gold_tokens)
 
 
 def _best_threshold(

@@ -132,11 +132,13 @@ def sizes(output_dir: Path) -> dict:
 
 
 def latencies(output_dir: Path, repeats: int) -> list[dict]:
-    from pofa.runtime import benchmark_latency
+    from pofa.runtime import benchmark_latency, compiler_available
 
     qat = output_dir / "qat" / FINAL_DIR
     onnx = qat / ONNX_FILE
+    # pofa_sparse_int8 runs the QAT model on the sparse int8 kernel, compiled on first use: only with a C compiler.
     return benchmark_latency(output_dir / "sparse-finetune" / FINAL_DIR, batch_sizes=(1, 8), seq_len=64,
+                             qat_model=qat if compiler_available() else None,
                              onnx_int8_path=onnx if onnx.exists() else None, repeats=repeats, warmup=1)
 
 
