@@ -19,7 +19,7 @@ quantizes, the pooler, and the whole pipeline end to end (tests/integration/test
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -172,11 +172,9 @@ def family_of(model_or_config: Any) -> ModelFamily:
     return family
 
 
-def is_encoder_linear(fqn: str, model_or_config: Any = None) -> bool:
-    """Whether the module at ``fqn`` lies in an encoder block: of the model's family when one is given, else of any
-    registered family."""
-    if model_or_config is not None:
-        return family_of(model_or_config).is_encoder_linear(fqn)
+def is_encoder_linear(fqn: str) -> bool:
+    """Whether the module at ``fqn`` lies in an encoder block of any registered family (for code that sees names
+    only; with a model at hand, ``family_of(model).is_encoder_linear``)."""
     return ENCODER_BLOCK.search(fqn) is not None
 
 
@@ -218,17 +216,3 @@ def pruning_targets(model: nn.Module, include: Sequence[str] = (), exclude: Sequ
             "purpose"
         )
     return patterns
-
-
-def family_table(models: Iterable[tuple[str, nn.Module]]) -> list[dict[str, Any]]:
-    """Per model: its family, the number of Linear layers in its encoder blocks and of pruning targets found."""
-    from pofa.sparsity.masks import select_targets
-
-    rows = []
-    for label, model in models:
-        family = family_of(model)
-        linears = encoder_linear_weights(model)
-        targets = select_targets(model.named_parameters(), pruning_targets(model))
-        rows.append({"model": label, "family": family.name, "encoder_linears": len(linears),
-                     "targets": len(targets), "same": sorted(linears) == sorted(targets)})
-    return rows

@@ -176,6 +176,14 @@ def _glue(name: str, text_fields: tuple[str, ...], label_names: tuple[str, ...],
                     eval_splits=eval_splits, metrics=metrics, hub_path="nyu-mll/glue", hub_config=name)
 
 
+
+def _squad(name: str, hub_path: str, hub_config: str, metrics: tuple[str, ...], unanswerable: bool = False
+           ) -> TaskSpec:
+    return TaskSpec(name=name, kind="question_answering", text_fields=SQUAD_COLUMNS, label_field="answers",
+                    label_names=(), eval_splits=("validation",), metrics=metrics, hub_path=hub_path,
+                    hub_config=hub_config, unanswerable=unanswerable)
+
+
 TASKS: dict[str, TaskSpec] = {
     # GLUE (Wang et al., 2018) with the metrics of its leaderboard; label names as the Hub data set's ClassLabels.
     "cola": _glue("cola", ("sentence",), ("unacceptable", "acceptable"), ("matthews_correlation",)),
@@ -188,29 +196,8 @@ TASKS: dict[str, TaskSpec] = {
     "qnli": _glue("qnli", ("question", "sentence"), ("entailment", "not_entailment"), ("accuracy",)),
     "rte": _glue("rte", ("sentence1", "sentence2"), ("entailment", "not_entailment"), ("accuracy",)),
     "wnli": _glue("wnli", ("sentence1", "sentence2"), ("not_entailment", "entailment"), ("accuracy",)),
-    "squad": TaskSpec(
-        name="squad",
-        kind="question_answering",
-        text_fields=SQUAD_COLUMNS,
-        label_field="answers",
-        label_names=(),
-        eval_splits=("validation",),
-        metrics=QA_METRICS,
-        hub_path="rajpurkar/squad",
-        hub_config="plain_text",
-    ),
-    "squad_v2": TaskSpec(
-        name="squad_v2",
-        kind="question_answering",
-        text_fields=SQUAD_COLUMNS,
-        label_field="answers",
-        label_names=(),
-        eval_splits=("validation",),
-        metrics=QA_V2_METRICS,
-        hub_path="rajpurkar/squad_v2",
-        hub_config="squad_v2",
-        unanswerable=True,
-    ),
+    "squad": _squad("squad", "rajpurkar/squad", "plain_text", QA_METRICS),
+    "squad_v2": _squad("squad_v2", "rajpurkar/squad_v2", "squad_v2", QA_V2_METRICS, unanswerable=True),
     # Offline, real data from PyPI sdists (pofa.data.offline): quickstart, CI, benchmarks.
     "snli": TaskSpec(
         name="snli",
