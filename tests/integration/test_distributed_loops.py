@@ -74,6 +74,28 @@ def assert_exactly_sparse(out: Path) -> MaskStore:
     return masks
 
 
+def assert_same_training(reference: Path, other: Path) -> None:
+    """The two runs did the same optimisation, up to the order in which floats were summed.
+
+    Pruning is discontinuous: ZeRO's bucketed reduce-scatter sums gradients in another order than DDP's all-reduce
+    (and another CPU takes other kernels), so a weight within float noise of the magnitude threshold (about 1e-5 apart
+    in these 32x32 matrices) may be pruned in one run and kept in the other, and it moves its neighbours' Adam steps a
+    little. Such ties may flip a few entries; a real fault (gradients not averaged across ranks, a step lost, masks
+    applied to the wrong shard) moves most entries by about the learning rate (1e-3 per step).
+    """
+    reference_masks = MaskStore.load(reference / "final" / "masks.safetensors")
+    other_masks = dict(MaskStore.load(other / "final" / "masks.safetensors").items())
+    for name, mask in reference_masks.items():
+        flipped = int((mask != other_masks[name]).sum())
+        assert flipped <= 0.01 * mask.numel(), f"{name}: {flipped} of {mask.numel()} mask entries differ"
+    first, second = final_weights(reference), final_weights(other)
+    for name in first:
+        close = torch.isclose(first[name], second[name], rtol=0, atol=1e-4)
+        largest = (first[name] - second[name]).abs().max().item()
+        assert close.float().mean() >= 0.99, (
+            f"{name}: {int((~close).sum())} of {close.numel()} weights differ by more than 1e-4 (largest {largest:.2e})")
+
+
 @pytest.fixture(scope="module")
 def ddp_run(recipe_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ddp") / "run"
@@ -91,8 +113,7 @@ def test_deepspeed_zero_keeps_master_copies_pruned_and_matches_ddp(recipe_file, 
     out = tmp_path / f"zero{stage}"
     launch(recipe_file, out, ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(stage))
     masks = assert_exactly_sparse(out)
-    ddp, zero = final_weights(ddp_run), final_weights(out)
-    assert all(torch.allclose(ddp[k], zero[k], atol=1e-4) for k in ddp), "ZeRO and DDP runs diverged"
+    assert_same_training(ddp_run, out)
 
     # DeepSpeed's fp32 master weights, as its checkpoint stores them (what the optimizer actually updates).
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
