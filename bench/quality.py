@@ -20,6 +20,15 @@ steps, examples, batch, sequence length, seed) for every arm:
     downstream       the dense prepared teacher pruned gradually during fine-tuning (`pruning:` in the fine-tuning
                      recipe, the comparison the paper makes), KD from `dense`
     downstream-nokd  the same, without distillation
+    pofa-inter       pofa with intermediate-layer distillation in the student stage: hidden-state MSE and attention KL
+                     of every layer beside the logits (issue: what distilling more than the logits buys)
+
+Decomposition arms (`pofa.decompose`), two levels per technique (`DECOMPOSITIONS`: lowrank-1/2, kronecker-1/2,
+tensor-1/2, rosita-1/2): the prepared teacher decomposed at the start of a student stage without pruning (ROSITA's
+heads, neurons and ranks shrinking over the pruning ramp instead, `schedule: iterative`), distilled from itself
+uncompressed (logits, hidden states, attention) for the pofa student's budget, then fine-tuned with the
+same budget and KD from `dense`. The report's size table puts every arm's parameters, non-zeros, bytes and
+accuracy side by side, with a plot of accuracy against non-zero parameters.
 
 Upstream stages (teacher preparation, student pruning, one-shot pruning) run once, with the recipe's seed, as the
 paper pre-trains once and fine-tunes with several seeds: the seeds vary the fine-tuning (training subset, order,
@@ -31,9 +40,10 @@ time. `report` keeps the latest record per key and writes `bench/RESULTS.md` wit
 
 Full mode (MiniLM-L6 on python-docs; the quickstart's budget per stage: teacher 80 steps, student 120 steps, and
 125 fine-tuning steps of 32 sentences, 2 epochs of 2,000, for every arm) takes, at the quickstart's speed on 2 idle
-cores (~1.4 s per teacher step, ~1.6 s per student step, ~2-2.2 s per fine-tuning step), about 9.5 hours for the
-whole grid (2 tasks x 80%, 90% x 3 seeds x 8 arms, and the pofa arm at 60 and 240 student steps: 121 stage runs),
-7.4 hours without the extra budgets, 43 minutes for one task, one sparsity and one seed. `python bench/quality.py
+cores (~1.4 s per teacher step, ~1.6 s per student step, ~2-2.2 s per fine-tuning step), about 15 hours for the
+whole grid (2 tasks x 80%, 90% x 3 seeds x 9 pruning arms, the pofa arm at 60 and 240 student steps, and the 8
+decompositions per task and seed: 191 stage runs), 13 hours without the extra budgets, 52 minutes for the 9 pruning
+arms on one task, one sparsity and one seed. `python bench/quality.py
 plan [selection]` prints the count of each stage and the estimate (from the results' measured seconds per step once
 there are any); `--scale 0.25` runs every method at a quarter of its steps (the teacher keeps its own).
 """
@@ -59,14 +69,34 @@ RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PAGE = ROOT / "bench" / "RESULTS.md"
 PLOTS = ROOT / "bench" / "results"
 
-ARMS = ("dense", "pofa", "pofa-nokd", "pofa-qat", "oneshot", "oneshot-nokd", "downstream", "downstream-nokd")
+PRUNING_ARMS = ("dense", "pofa", "pofa-nokd", "pofa-qat", "pofa-inter", "oneshot", "oneshot-nokd", "downstream",
+                "downstream-nokd")
+# Decomposition arms (pofa.decompose), two levels per technique: arm -> (level, the recipe's `decomposition`
+# section for hidden width D). The levels of bench/bench_decompose.py, whose size and latency tables they join.
+DECOMPOSITIONS: dict[str, tuple[str, Any]] = {
+    "lowrank-1": ("rank D/4", lambda d: {"method": "lowrank", "rank": d // 4}),
+    "lowrank-2": ("rank D/12, embedding rank D/6",
+                  lambda d: {"method": "lowrank", "rank": d // 12, "embeddings": True, "embedding_rank": d // 6}),
+    "kronecker-1": ("8 Kronecker terms", lambda d: {"method": "kronecker", "terms": 8}),
+    "kronecker-2": ("2 Kronecker terms", lambda d: {"method": "kronecker", "terms": 2}),
+    "tensor-1": ("method III, d = D/2", lambda d: {"method": "tensor", "rank": d // 2}),
+    "tensor-2": ("method IV, d = D/2, bank 24", lambda d: {"method": "tensor", "rank": d // 2, "bank": 24}),
+    "rosita-1": ("heads and FFN 1/2 + rank D/8, iterative",
+                 lambda d: {"method": "lowrank", "rank": d // 8, "heads": 0.5, "ffn": 0.5}),
+    "rosita-2": ("heads and FFN 1/4 + rank D/16, iterative",
+                 lambda d: {"method": "lowrank", "rank": d // 16, "heads": 0.25, "ffn": 0.25}),
+}
+ARMS = PRUNING_ARMS + tuple(DECOMPOSITIONS)
 TASKS = ("movie_reviews", "snli")
-SPARSE_ARMS = ARMS[1:]
-KD_ARMS = ("pofa", "pofa-qat", "oneshot", "downstream")
+SPARSE_ARMS = PRUNING_ARMS[1:]
+KD_ARMS = ("pofa", "pofa-qat", "pofa-inter", "oneshot", "downstream", *DECOMPOSITIONS)
+# The student stage's intermediate-layer distillation (pofa-inter and the decomposition arms): hidden-state MSE and
+# attention KL beside the logits, every layer paired, as ROSITA and KroneckerBERT distil.
+INTERMEDIATE = {"distillation.hidden_weight": 1.0, "distillation.attention_weight": 1.0}
 # Fine-tuning seconds per arm relative to a plain (no teacher) sparse transfer, for the estimate when an arm has
 # no measurement yet: a distilled step also runs the teacher's forward (~1.5x), QAT's fake quantization ~2x.
-ARM_COST = {"dense": 1.0, "pofa": 1.5, "pofa-nokd": 1.0, "pofa-qat": 2.0, "oneshot": 1.5, "oneshot-nokd": 1.0,
-            "downstream": 1.6, "downstream-nokd": 1.1}
+ARM_COST = {"dense": 1.0, "pofa": 1.5, "pofa-nokd": 1.0, "pofa-qat": 2.0, "pofa-inter": 1.5, "oneshot": 1.5,
+            "oneshot-nokd": 1.0, "downstream": 1.6, "downstream-nokd": 1.1, **{a: 1.4 for a in DECOMPOSITIONS}}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -173,12 +203,29 @@ def teacher_recipe(mode: Mode, base: str, out: Path, cache: Path | None):
         "training.save_every": mode.teacher_steps, **({"data.cache_dir": str(cache)} if cache else {})})
 
 
-def student_recipe(mode: Mode, teacher: Path, sparsity: float, steps: int, out: Path, cache: Path | None):
-    """quickstart-student (GMP to `sparsity` + KD from the prepared teacher, which it starts from) in `steps`."""
+def student_recipe(mode: Mode, teacher: Path, sparsity: float, steps: int, out: Path, cache: Path | None, *,
+                   extra: dict[str, Any] | None = None):
+    """quickstart-student (GMP to `sparsity` + KD from the prepared teacher, which it starts from) in `steps`, with
+    the dotted `extra` changes (e.g. intermediate-layer distillation)."""
     return build_recipe("quickstart-student", {
         **mode.pretrain, **student_schedule(steps), "model.name_or_path": str(teacher),
         "distillation.teacher": str(teacher), "pruning.target_sparsity": sparsity, "training.output_dir": str(out),
-        **({"data.cache_dir": str(cache)} if cache else {})})
+        **({"data.cache_dir": str(cache)} if cache else {}), **(extra or {})})
+
+
+def decomposition_recipe(mode: Mode, teacher: Path, arm: str, width: int, steps: int, out: Path,
+                         cache: Path | None):
+    """quickstart-student without pruning: the prepared teacher decomposed at the start (`arm`'s section for hidden
+    width `width`) and distilled from itself uncompressed (logits + hidden states + attention) for `steps`."""
+    schedule = {k: v for k, v in student_schedule(steps).items() if k.startswith("training.")}
+    section = DECOMPOSITIONS[arm][1](width)
+    if arm.startswith("rosita"):  # ROSITA's iterative schedule, over the pruning ramp of the pofa student
+        end, frequency = ramp(steps)
+        section.update(schedule="iterative", start_step=0, end_step=end, frequency=frequency)
+    return build_recipe("quickstart-student", {
+        **mode.pretrain, **schedule, **INTERMEDIATE, "model.name_or_path": str(teacher),
+        "distillation.teacher": str(teacher), "pruning.enabled": False, "decomposition": section,
+        "training.output_dir": str(out), **({"data.cache_dir": str(cache)} if cache else {})})
 
 
 def finetune_recipe(mode: Mode, arm: str, model: Path, task: dict[str, Any], seed: int, out: Path, *,
@@ -194,6 +241,8 @@ def finetune_recipe(mode: Mode, arm: str, model: Path, task: dict[str, Any], see
                                "export.onnx": False, **{f"task.{k}": v for k, v in task.items()}}
     if arm != "dense":
         changes["distillation.teacher"] = str(kd_teacher) if arm in KD_ARMS else None
+    if arm in DECOMPOSITIONS:
+        changes["sparsity.masks"] = "none"  # dense factors: nothing to lock
     if arm == "pofa-qat":
         changes["quantization"] = recipe_to_dict(load_recipe("quickstart-qat", (), FinetuneRecipe))["quantization"]
     if arm.startswith("downstream"):
@@ -328,6 +377,30 @@ def measured_sparsity(folder: Path) -> dict[str, Any]:
     return {"sparsity": zeros / numel, "per_weight": counts}
 
 
+def model_size(folder: Path) -> dict[str, int]:
+    """Parameters of the model in `folder` (each stored tensor once), those that are non-zero, and the bytes of its
+    model.safetensors (fp32, zeros stored: the decomposition's size on disk; a sparse model's compact file is
+    smaller, see the README's size table)."""
+    from safetensors import safe_open
+
+    path = folder / "model.safetensors"
+    parameters = nonzero = 0
+    with safe_open(str(path), "pt") as f:
+        for name in f.keys():
+            tensor = f.get_tensor(name)
+            parameters += tensor.numel()
+            nonzero += int((tensor != 0).sum())
+    return {"parameters": parameters, "nonzero_parameters": nonzero, "bytes": path.stat().st_size}
+
+
+def hidden_width(folder: Path) -> int:
+    """The hidden size of the model in `folder` (the decomposition levels are fractions of it)."""
+    from pofa.modeling import load_config
+
+    config = load_config(str(folder))
+    return int(getattr(config, "hidden_size", None) or config.dim)
+
+
 def is_exact(per_weight: dict[str, list[int]], target: float) -> bool:
     """Whether every weight holds exactly round(target x numel) zeros (layer-wise magnitude masks)."""
     return all(zeros == round(target * numel) for zeros, numel in per_weight.values())
@@ -372,7 +445,8 @@ class Selection:
 def student_budgets(selection: Selection) -> tuple[int, ...]:
     """The student runs the selection needs, per sparsity: the main budget when any pofa arm runs, the others when
     the `pofa` arm does (only it is run at every budget)."""
-    main, pofa_arms = selection.budgets[0], [a for a in selection.arms if a.startswith("pofa")]
+    main = selection.budgets[0]
+    pofa_arms = [a for a in selection.arms if a.startswith("pofa") and a != "pofa-inter"]  # it has its own student
     return tuple(b for b in selection.budgets if (b == main and pofa_arms) or (b != main and "pofa" in pofa_arms))
 
 
@@ -381,27 +455,32 @@ def stage_counts(selection: Selection) -> dict[str, int]:
     counts: dict[str, int] = {"teacher": 1}
     for steps in student_budgets(selection):
         counts[f"student:{steps}"] = len(selection.sparsities)
+    if "pofa-inter" in selection.arms:
+        counts[f"student-inter:{selection.budgets[0]}"] = len(selection.sparsities)
+    if decompositions := [a for a in selection.arms if a in DECOMPOSITIONS]:
+        counts[f"decompose:{selection.budgets[0]}"] = len(decompositions)
     per_pair = len(selection.tasks) * len(selection.seeds)
     if "dense" in selection.arms or any(a in KD_ARMS for a in selection.arms):
         counts["finetune:dense"] = per_pair
     for arm in (a for a in selection.arms if a != "dense"):
         budgets = len(selection.budgets) if arm == "pofa" else 1
-        counts[f"finetune:{arm}"] = per_pair * len(selection.sparsities) * budgets
+        # A decomposition is dense: once per task and seed, not per sparsity.
+        counts[f"finetune:{arm}"] = per_pair * (1 if arm in DECOMPOSITIONS else len(selection.sparsities)) * budgets
     return counts
 
 
 def estimate_seconds(counts: dict[str, int], seconds: dict[str, float], *, teacher_steps: int,
                      finetune_steps: int) -> float:
-    """Wall time of `counts` from measured seconds per optimizer step: `teacher_per_step`, `student_per_step`,
-    `finetune_per_step:<arm>` (evaluation included; an arm not measured is scaled from the measured ones by
-    ARM_COST)."""
+    """Wall time of `counts` from measured seconds per optimizer step: `teacher_per_step`, `student_per_step` (also
+    for the intermediate-distillation students and the decomposed ones), `finetune_per_step:<arm>` (evaluation
+    included; an arm not measured is scaled from the measured ones by ARM_COST)."""
     measured = {k.split(":")[1]: v for k, v in seconds.items() if k.startswith("finetune_per_step:")}
     unit = statistics.mean(v / ARM_COST[a] for a, v in measured.items()) if measured else 0.0
     total = 0.0
     for key, n in counts.items():
         if key == "teacher":
             total += n * teacher_steps * seconds.get("teacher_per_step", 0.0)
-        elif key.startswith("student:"):
+        elif key.split(":")[0] in ("student", "student-inter", "decompose"):
             total += n * int(key.split(":")[1]) * seconds.get("student_per_step", 0.0)
         else:
             arm = key.split(":")[1]
@@ -506,13 +585,16 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
 
     def upstream(arm: str, folder: Path, sparsity: float, steps: int, seconds: float | None, recipe) -> dict:
         mlm = heldout_mlm(folder, eval_recipe)
-        sp = measured_sparsity(folder)
         shape = (recipe or eval_recipe).training.per_device_batch_size * (recipe or eval_recipe).data.max_seq_length
+        if arm in DECOMPOSITIONS:
+            sparse = {"level": DECOMPOSITIONS[arm][0]}
+        else:
+            sp = measured_sparsity(folder)
+            sparse = {"measured_sparsity": sp["sparsity"], "sparsity_exact": is_exact(sp["per_weight"], sparsity)}
         rec = recorder.write({"kind": "upstream", "arm": arm, "sparsity": sparsity, "budget_steps": steps,
                               "budget_tokens": steps * shape, "mlm_loss": mlm["mlm_loss"],
-                              "mlm_accuracy": mlm["mlm_accuracy"], "measured_sparsity": sp["sparsity"],
-                              "sparsity_exact": is_exact(sp["per_weight"], sparsity), "seconds": seconds,
-                              "config": recipe_delta(recipe) if recipe is not None else {}})
+                              "mlm_accuracy": mlm["mlm_accuracy"], **sparse, **model_size(folder),
+                              "seconds": seconds, "config": recipe_delta(recipe) if recipe is not None else {}})
         records.append(rec)
         print(f"   upstream {arm} {sparsity:.0%} @{steps} steps: held-out MLM loss {mlm['mlm_loss']:.3f}", flush=True)
         return rec
@@ -534,11 +616,29 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
             folder, seconds = pretrained(recipe, reuse)
             upstream("pofa", folder, sparsity, steps, seconds, recipe)
             sparse_inputs[("pofa", sparsity, steps)] = folder
+        if "pofa-inter" in arms:
+            out = work / f"student-s{sparsity:g}-b{main}-inter"
+            recipe = student_recipe(mode, teacher, sparsity, main, out, cache, extra=INTERMEDIATE)
+            print(f"\n== student pruning to {sparsity:.0%} in {main} steps, intermediate-layer distillation",
+                  flush=True)
+            folder, seconds = pretrained(recipe, reuse)
+            upstream("pofa-inter", folder, sparsity, main, seconds, recipe)
+            sparse_inputs[("pofa-inter", sparsity, main)] = folder
         if any(a.startswith("oneshot") for a in arms):
             t0 = time.perf_counter()
             folder = oneshot_model(teacher, sparsity, work / f"oneshot-s{sparsity:g}")
             upstream("oneshot", folder, sparsity, 0, round(time.perf_counter() - t0, 1), None)
             sparse_inputs[("oneshot", sparsity, 0)] = folder
+
+    # 2b. decomposed students: each technique's level, distilled from the teacher for the main budget.
+    decomposed: dict[str, Path] = {}
+    for arm in (a for a in arms if a in DECOMPOSITIONS):
+        recipe = decomposition_recipe(mode, teacher, arm, hidden_width(teacher), main, work / f"decomposed-{arm}",
+                                      cache)
+        print(f"\n== decomposition {arm} ({DECOMPOSITIONS[arm][0]}), distilled for {main} steps", flush=True)
+        folder, seconds = pretrained(recipe, reuse)
+        upstream(arm, folder, 0.0, main, seconds, recipe)
+        decomposed[arm] = folder
 
     # 3. fine-tuning: dense (baseline and KD teacher), then every sparse arm, per task and seed.
     for task in selection.tasks:
@@ -548,16 +648,21 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
         for seed in selection.seeds:
             def tune(arm: str, model: Path, sparsity: float, steps: int, kd: Path | None, out: Path) -> dict:
                 recipe = finetune_recipe(mode, arm, model, task_fields, seed, out, sparsity=sparsity, kd_teacher=kd)
-                print(f"\n== {task} seed {seed}: {arm}" + (f" {sparsity:.0%}" if arm != "dense" else ""), flush=True)
+                print(f"\n== {task} seed {seed}: {arm}" + (f" {sparsity:.0%}" if arm in SPARSE_ARMS else ""), flush=True)
                 result = finetune(recipe, overwrite=True)
-                sp = measured_sparsity(result.final_dir)
+                if arm in DECOMPOSITIONS:
+                    sparse = {"level": DECOMPOSITIONS[arm][0]}
+                else:
+                    sp = measured_sparsity(result.final_dir)
+                    sparse = {"measured_sparsity": sp["sparsity"],
+                              "sparsity_exact": is_exact(sp["per_weight"], sparsity)}
                 rec = recorder.write({
                     "kind": "finetune", "arm": arm, "task": task, "sparsity": sparsity, "seed": seed,
                     "budget_steps": steps, "distillation": recipe.distillation.teacher is not None,
                     "qat": recipe.quantization.enabled, "accuracy": result.metrics["test/accuracy"],
-                    "metrics": result.metrics, "measured_sparsity": sp["sparsity"],
-                    "sparsity_exact": is_exact(sp["per_weight"], sparsity), "seconds": round(result.seconds, 1),
-                    "finetune_steps": mode.finetune["training.max_steps"], "config": recipe_delta(recipe)})
+                    "metrics": result.metrics, **sparse, **model_size(result.final_dir),
+                    "seconds": round(result.seconds, 1), "finetune_steps": mode.finetune["training.max_steps"],
+                    "config": recipe_delta(recipe)})
                 records.append(rec)
                 return rec
 
@@ -570,11 +675,12 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
                 tune("dense", teacher, 0.0, 0, None, dense_out)
             dense = dense_out / "final"
             for sparsity in selection.sparsities:
-                for arm in [a for a in arms if a != "dense"]:
+                for arm in [a for a in arms if a in SPARSE_ARMS]:
                     kd = dense if arm in KD_ARMS else None
                     if arm.startswith("pofa"):
+                        source = "pofa-inter" if arm == "pofa-inter" else "pofa"
                         for steps in (selection.budgets if arm == "pofa" else (main,)):
-                            tune(arm, sparse_inputs[("pofa", sparsity, steps)], sparsity, steps, kd,
+                            tune(arm, sparse_inputs[(source, sparsity, steps)], sparsity, steps, kd,
                                  work / "finetune" / task / f"{arm}-s{sparsity:g}-b{steps}-seed{seed}")
                     elif arm.startswith("oneshot"):
                         tune(arm, sparse_inputs[("oneshot", sparsity, 0)], sparsity, 0, kd,
@@ -582,6 +688,8 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
                     else:
                         tune(arm, teacher, sparsity, 0, kd,
                              work / "finetune" / task / f"{arm}-s{sparsity:g}-seed{seed}")
+            for arm, folder in decomposed.items():
+                tune(arm, folder, 0.0, main, dense, work / "finetune" / task / f"{arm}-seed{seed}")
     return records
 
 
@@ -719,6 +827,101 @@ def plot_retention(records: Sequence[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def size_rows(records: Sequence[dict[str, Any]]) -> list[tuple[str, str, dict[str, Any]]]:
+    """(arm, what it is, its latest fine-tuning record with sizes) for the size table and plot: dense, each sparse
+    arm at its highest sparsity (main budget), each decomposition; only records that carry sizes."""
+    rows: dict[tuple[str, float], dict[str, Any]] = {}
+    for r in records:
+        if r["kind"] == "finetune" and "parameters" in r and at_main_budget(r):
+            rows[(r["arm"], round(r["sparsity"], 4))] = r
+    out = []
+    for arm in ARMS:
+        for sparsity in sorted({s for a, s in rows if a == arm}):
+            r = rows[(arm, sparsity)]
+            what = DECOMPOSITIONS[arm][0] if arm in DECOMPOSITIONS else (
+                "dense" if arm == "dense" else f"{sparsity:.0%} sparse")
+            out.append((arm, what, r))
+    return out
+
+
+def plot_size(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Test accuracy against non-zero parameters (log scale), one panel per task: dense, pruned and decomposed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in records if r["kind"] == "finetune" and "parameters" in r})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.5), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for arm, what, _ in size_rows(records):
+            mine = [r for r in records if r["kind"] == "finetune" and r["arm"] == arm and r["task"] == task
+                    and "parameters" in r and at_main_budget(r)]
+            for sparsity in sorted({round(r["sparsity"], 4) for r in mine}):
+                group = [r for r in mine if round(r["sparsity"], 4) == sparsity]
+                x = statistics.mean(r["nonzero_parameters"] for r in group) / 1e6
+                y, err = mean_std([r["accuracy"] for r in group])
+                marker = "s" if arm == "dense" else ("o" if arm in SPARSE_ARMS else "^")
+                ax.errorbar([x], [y], yerr=[err or 0.0], marker=marker, capsize=3, linestyle="none")
+                ax.annotate(f"{arm}" + (f" {sparsity:.0%}" if arm in SPARSE_ARMS else ""), (x, y), fontsize=7,
+                            xytext=(4, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_title(task)
+        ax.set_xlabel("non-zero parameters (millions, log scale)")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def decomposition_lines(mode_name: str, records: Sequence[dict[str, Any]], plots: Path, page_dir: Path) -> list[str]:
+    """The size table (every arm's parameters, non-zeros, bytes, accuracy) and its accuracy-vs-size plot, when the
+    run has decomposition arms."""
+    if not any(r["kind"] == "finetune" and r["arm"] in DECOMPOSITIONS for r in records):
+        return []
+    tasks = sorted({r["task"] for r in records if r["kind"] == "finetune"})
+    groups = accuracy_groups(records)
+    dense_mean = {t: mean_std(groups[("dense", 0.0, t)])[0] for t in tasks if groups.get(("dense", 0.0, t))}
+    mains = {r["selection"]["budgets"][0] for r in records}  # the main student budget of each run
+    mlm = {(r["arm"], round(r["sparsity"], 4)): r["mlm_loss"] for r in records if r["kind"] == "upstream"
+           and (r["arm"] not in ("pofa", "pofa-inter") or r["budget_steps"] in mains)}
+
+    def upstream_loss(arm: str, sparsity: float) -> float | None:
+        """The held-out MLM loss of the model the arm fine-tuned (downstream pruning starts from the teacher)."""
+        source = "teacher" if arm == "dense" or arm.startswith("downstream") else (
+            "pofa" if arm in ("pofa", "pofa-nokd", "pofa-qat") else "oneshot" if arm.startswith("oneshot") else arm)
+        return mlm.get((source, 0.0 if source in ("teacher", *DECOMPOSITIONS) else sparsity))
+
+    rows = size_rows(records)
+    dense_nonzero = next((r["nonzero_parameters"] for arm, _, r in rows if arm == "dense"), None)
+    lines = ["", "### Size against accuracy: pruning and decomposition (pofa.decompose)", "",
+             "Each decomposition starts from the prepared teacher, is distilled from it uncompressed for the pofa "
+             "student's budget (logits, hidden states and attention of every layer), then fine-tuned with the same "
+             "budget and KD from `dense` as every arm. Parameters and bytes are the fine-tuned model's "
+             "(model.safetensors, fp32, classification head included; a sparse model stores its zeros there, its "
+             "compact int8 file is much smaller); MiniLM's word embedding (11.7 M of its 22.7 M parameters) is only "
+             "factorized by `lowrank-2`. Latency of each level: `python bench/bench_decompose.py`.", "",
+             "| arm | what | parameters | non-zero | compression (non-zero vs dense) | model.safetensors | "
+             "its upstream model's MLM loss | " + " | ".join(f"{t} | {t} retention" for t in tasks) + " |",
+             "|---|---|---|---|---|---|---|" + "---|---|" * len(tasks)]
+    for arm, what, r in rows:
+        sparsity = round(r["sparsity"], 4)
+        ratio = f"{dense_nonzero / r['nonzero_parameters']:.1f}x" if dense_nonzero else "-"
+        loss = upstream_loss(arm, sparsity)
+        row = [arm, what, f"{r['parameters'] / 1e6:.2f} M", f"{r['nonzero_parameters'] / 1e6:.2f} M", ratio,
+               f"{r['bytes'] / 1e6:.1f} MB", f"{loss:.3f}" if loss is not None else "-"]
+        for t in tasks:
+            values = groups.get((arm, sparsity, t), [])
+            row.append(cell(values))
+            row.append(f"{100 * mean_std(values)[0] / dense_mean[t]:.1f}%" if values and dense_mean.get(t) else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    figure = plots / f"{mode_name}-accuracy-vs-size.png"
+    plot_size(records, figure)
+    lines += ["", f"![accuracy vs size]({os.path.relpath(figure, page_dir)})"]
+    return lines
+
+
 def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, page_dir: Path,
                  timing: Sequence[dict[str, Any]]) -> list[str]:
     """The page's section for one mode: budget, accuracy table, upstream MLM table, retention vs budget, and the time
@@ -756,7 +959,7 @@ def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, pag
     lines.append("| arm | sparsity | " + " | ".join(f"{t} | {t} retention" for t in tasks) + " |")
     lines.append("|---|---|" + "---|---|" * len(tasks))
     dense_mean = {t: mean_std(groups[("dense", 0.0, t)])[0] for t in tasks if groups.get(("dense", 0.0, t))}
-    for arm in ARMS:
+    for arm in PRUNING_ARMS:
         for sparsity in sorted({s for a, s, _ in groups if a == arm}):
             row = [arm, f"{sparsity:.0%}"]
             for t in tasks:
@@ -765,7 +968,7 @@ def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, pag
                 row.append(f"{100 * mean_std(values)[0] / dense_mean[t]:.1f}%" if values and dense_mean.get(t)
                            else "-")
             lines.append("| " + " | ".join(row) + " |")
-    exact = [r for r in ft if r["arm"] != "dense"]
+    exact = [r for r in ft if r["arm"] in SPARSE_ARMS]
     if exact:
         lines += ["", f"Sparsity measured on every fine-tuned model's encoder Linear weights: "
                       f"{sum(r['sparsity_exact'] for r in exact)} of {len(exact)} sparse runs hold exactly "
@@ -779,12 +982,16 @@ def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, pag
     lines += ["", "### Held-out MLM loss of the upstream models (same held-out blocks for all)", "",
               "| upstream model | sparsity | student steps | MLM loss | masked-token accuracy |",
               "|---|---|---|---|---|"]
-    for r in sorted(up, key=lambda r: (r["arm"] != "teacher", r["sparsity"], r["arm"], r["budget_steps"])):
+    for r in sorted(up, key=lambda r: (r["arm"] != "teacher", r["arm"] in DECOMPOSITIONS, r["sparsity"], r["arm"],
+                                       r["budget_steps"])):
         name = {"teacher": "prepared teacher (dense)", "pofa": "pofa student (GMP + KD)",
-                "oneshot": "one-shot magnitude pruning"}[r["arm"]]
-        steps_cell = str(r["budget_steps"]) if r["arm"] == "pofa" else "-"
+                "pofa-inter": "pofa student (GMP + KD of logits, hidden states, attention)",
+                "oneshot": "one-shot magnitude pruning"}.get(r["arm"], f"{r['arm']}: {r.get('level', '')}")
+        steps_cell = str(r["budget_steps"]) if r["arm"] not in ("teacher", "oneshot") else "-"
         lines.append(f"| {name} | {r['sparsity']:.0%} | {steps_cell} | {r['mlm_loss']:.3f} | "
                      f"{r['mlm_accuracy']:.3f} |")
+
+    lines += decomposition_lines(mode_name, records, plots, page_dir)
 
     curves = retention_by_budget(records)
     budgets = sorted({b for c in curves.values() for b in c})

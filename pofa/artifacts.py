@@ -35,6 +35,10 @@ TRAIN_RESULTS_FILE = "train_results.json"
 TRAINER_STATE_FILE = "trainer_state.json"
 """Inside a checkpoint: the step and counters; written last, so its presence marks a complete checkpoint."""
 
+DECOMPOSITION_FILE = "decomposition.json"
+"""Inside a checkpoint of an iterative decomposition run: the model's structure at that step (its config's
+`pofa_decomposition`), rebuilt on resume before the weights load."""
+
 SEEDS_FILE = "seeds.json"
 """Beside the per-seed runs of `pofa finetune --seeds`: each seed's metrics and their mean and spread."""
 

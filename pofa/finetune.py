@@ -8,6 +8,7 @@ The loop is the pre-training loop's shape with a task head:
     masks  <- masks.safetensors of the model folder, or its zeros      (sparsity.masks: auto | file | zeros | none)
               [the file's N:M pattern, e.g. 2:4, is kept and checked]
     [apply_recipe_(model, decomposition)]                              low-rank / Kronecker / tensor (pofa.decompose)
+                                                                       [or at events: schedule: iterative (ROSITA)]
     guard  <- MaskGuard(model, masks)                                  gradient hooks: pruned gradients are zero
     [prepare_qat_(model)]                                              fake int8 on the encoder Linears (QAT)
     for step in range(max_steps):
@@ -33,7 +34,7 @@ import torch
 from pofa.artifacts import (COMPACT_FILE, EVAL_RESULTS_FILE, MASKS_FILE, ONNX_FILE, SEEDS_FILE, SPARSITY_FILE)
 from pofa.checkpoint import OutputDirError
 from pofa.data.mlm import batch_indices
-from pofa.decompose import apply_recipe_
+from pofa.decompose import Decomposer, apply_recipe_
 from pofa.families import FamilyError
 from pofa.hub import PublicationError
 from pofa.loop import LossWindow, learning_rate_factor, micro_step, steps_for_epochs
@@ -325,6 +326,7 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     model = load_task_model(recipe.model.name_or_path, data.spec, recipe.model.revision)
     if (decomposed := apply_recipe_(model, recipe.decomposition)) is not None:  # before masks, QAT, optimizer
         run.log(decomposed)
+    decomposer = Decomposer.for_stage(recipe.decomposition, model, run)  # iterative; --resume: the saved shapes
     store = locked_masks(recipe, model)
     pattern_before = zero_pattern(model, store) if store is not None else None
     teacher = run.load_teacher(lambda: load_task_model(k.teacher, data.spec), model) if k.teacher else None
@@ -333,6 +335,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
         num_examples=len(data.train), epochs=t.epochs, per_device_batch_size=t.per_device_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps, num_processes=run.accelerator.num_processes))
     check_pruning_fits(recipe, plan.max_steps)
+    if decomposer is not None:
+        decomposer.check_fits(plan.max_steps)
     qat_config = prepare_quantization(recipe, model, plan.max_steps)
     if len(data.train) < plan.per_device_batch_size * plan.num_processes:
         raise RecipeError(f"training.per_device_batch_size: the training set has {len(data.train)} examples, fewer "
@@ -351,6 +355,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
         pruner = Pruner(recipe.pruning, model)
         store, guard = pruner.store, pruner.guard
         run.register(pruner.save, pruner.load)
+    if decomposer is not None:
+        run.register(decomposer.save, decomposer.load)
     step = run.resume(RESUME_KEYS)["step"]
     if guard is not None and step > 0:
         guard.enforce_(run.optimizer)
@@ -368,6 +374,8 @@ def finetune(recipe: FinetuneRecipe, *, resume: bool = False, overwrite: bool = 
     while True:
         if pruner is not None and pruner.is_event(step):
             run.log(pruner.prune(step, run.optimizer))
+        if decomposer is not None and decomposer.is_event(step):
+            run.log(decomposer.apply(step, run.optimizer))
         if step >= plan.max_steps:
             break
         run.set_lr(learning_rate_factor(step, max_steps=plan.max_steps, warmup_steps=plan.warmup_steps,

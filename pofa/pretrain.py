@@ -8,6 +8,8 @@ resume, cadence and final write that both stages share are `pofa.stage.Stage`'s)
 
     [apply_recipe_(model, decomposition)]          # pofa.decompose: heads/neurons, low-rank, Kronecker, tensor
     for step in range(start, max_steps):           # optimizer steps
+        [if decomposition event at step:           # schedule: iterative (ROSITA), pofa.decompose.Decomposer
+            heads/neurons/ranks shrink linearly    # the optimizer's state is sliced with the weights]
         if pruning event at step:                  # pofa.sparsity.schedule: cubic_sparsity, is_pruning_step
             masks <- magnitude_masks(weights)      # pofa.sparsity.masks; the MaskStore is checkpointed
                      [pruned weights may return]   # pruning.revive: PrunedValues keeps their values
@@ -43,7 +45,7 @@ import torch
 from pofa.artifacts import MASKS_FILE, SPARSITY_FILE, TRAIN_RESULTS_FILE
 from pofa.checkpoint import OutputDirError
 from pofa.data.corpus import CorpusError
-from pofa.decompose import apply_recipe_
+from pofa.decompose import Decomposer, apply_recipe_
 from pofa.data.mlm import MLMBatcher, StreamingMLMBatcher, build_block_cache, split_blocks
 from pofa.distill import intermediate_distillation
 from pofa.families import FamilyError, family_of
@@ -171,6 +173,7 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     tokenizer, model = load_student(recipe)
     if (decomposed := apply_recipe_(model, recipe.decomposition)) is not None:  # before the optimizer and masks
         run.log(decomposed)
+    decomposer = Decomposer.for_stage(recipe.decomposition, model, run)  # iterative; --resume: the saved shapes
     batcher = make_batcher(recipe, tokenizer, run)
     plan = run.plan_steps(t.max_steps)
     batcher.train_batch(0)  # fails now, with a clear message, if the data is smaller than one global batch
@@ -189,6 +192,8 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     pruner = Pruner(recipe.pruning, model) if recipe.pruning.enabled else None
     if pruner is not None:
         run.register(pruner.save, pruner.load)
+    if decomposer is not None:
+        run.register(decomposer.save, decomposer.load)
     state = run.resume(RESUME_KEYS)
     batcher.load_state_dict(state)  # a streamed corpus continues where each process's stream stopped
     if pruner is not None and state["step"] > 0:
@@ -211,6 +216,8 @@ def train(recipe: PretrainRecipe, *, resume: bool = False, overwrite: bool = Fal
     while True:
         if pruner is not None and pruner.is_event(step):
             run.log(pruner.prune(step, run.optimizer))
+        if decomposer is not None and decomposer.is_event(step):
+            run.log(decomposer.apply(step, run.optimizer))
         if step >= plan.max_steps:
             break
         run.set_lr(learning_rate_factor(step, max_steps=t.max_steps, warmup_steps=plan.warmup_steps,

@@ -347,6 +347,23 @@ class DecompositionConfig:
     exclude: list[str] = field(default_factory=list)
     """Regexes over module names to keep as they are."""
 
+    schedule: Literal["oneshot", "iterative"] = "oneshot"
+    """`oneshot`: everything above is applied when the stage starts. `iterative`: ROSITA's gradual compression
+    (`pofa.decompose.schedule`): the model starts uncompressed, and at events every `frequency` optimizer steps from
+    `start_step` to `end_step` its heads, FFN neurons and (`method: lowrank`) ranks shrink linearly to `heads`, `ffn`
+    and `rank` / `energy` / `embedding_rank`, while the stage trains (and distils); `method: none` or `lowrank`, one
+    process, no masks, no QAT."""
+
+    start_step: int = 0
+    """`iterative`: optimizer step of the first event (the model is uncompressed up to it)."""
+
+    end_step: int = 0
+    """`iterative`: optimizer step of the last event, where the targets are reached; end_step - start_step must be a
+    multiple of `frequency`. ROSITA's: one event per attention head removed, over the first part of training."""
+
+    frequency: int = 1
+    """`iterative`: optimizer steps between events."""
+
 
 @dataclass
 class HubConfig:
@@ -701,8 +718,48 @@ def _decomposition_checks(recipe: Any) -> list[tuple[str, bool, str]]:
     ]
     if isinstance(recipe, FinetuneRecipe):
         checks.append(("quantization.enabled", not (recipe.quantization.enabled and c.method in ("kronecker", "tensor")),
-                       f"QAT fake-quantizes Linears; decomposition.method {c.method} leaves none in the encoder "
-                       "(use lowrank, whose factors are Linears, or no QAT)"))
+                       f"int8 QAT does not apply to decomposition.method {c.method}: its factors are not Linears (QAT "
+                       "would leave them float) and int8 factors multiply their errors (use lowrank, whose factors "
+                       "are Linears, or no QAT)"))
+    return checks + _schedule_checks(recipe)
+
+
+def _schedule_checks(recipe: Any) -> list[tuple[str, bool, str]]:
+    """`decomposition.schedule: iterative`: a well-formed schedule that reaches its targets, with what it can serve."""
+    c = recipe.decomposition
+    if c.schedule != "iterative":
+        return [(f"decomposition.{name}", getattr(c, name) == default, "is read by schedule: iterative only")
+                for name, default in (("start_step", 0), ("end_step", 0), ("frequency", 1))]
+    structured = c.heads < 1 or c.ffn < 1
+    checks = [
+        ("decomposition.schedule", c.method in ("none", "lowrank"),
+         f"iterative shrinks heads, FFN neurons and low-rank ranks; decomposition.method {c.method} factorizes once "
+         "(use schedule: oneshot)"),
+        ("decomposition.schedule", structured or c.method == "lowrank",
+         "iterative needs something to shrink: decomposition.heads or ffn < 1, or method: lowrank"),
+        ("decomposition.start_step", c.start_step >= 0, "must be >= 0"),
+        ("decomposition.end_step", c.end_step > c.start_step, "must be greater than decomposition.start_step"),
+        ("decomposition.frequency", c.frequency >= 1, "must be >= 1"),
+        ("decomposition.schedule", not recipe.pruning.enabled,
+         "iterative changes the shapes of the weights that pruning.enabled masks; use one of them"),
+    ]
+    if c.frequency >= 1 and c.end_step > c.start_step:
+        checks.append(("decomposition.end_step", (c.end_step - c.start_step) % c.frequency == 0,
+                       f"end_step - start_step ({c.end_step - c.start_step}) must be a multiple of "
+                       f"decomposition.frequency ({c.frequency}), so that an event falls on end_step and the targets "
+                       "are reached"))
+    max_steps = getattr(recipe.training, "max_steps", None)
+    if max_steps is not None:  # fine-tuning counted in epochs knows its steps only with the data: checked then
+        checks.append(("decomposition.end_step", c.end_step <= max_steps,
+                       f"must be <= training.max_steps ({max_steps}) so the targets are reached"))
+    if isinstance(recipe, FinetuneRecipe):
+        checks += [
+            ("decomposition.schedule", not recipe.quantization.enabled,
+             "iterative changes parameter shapes during the run; QAT's observers and scales are per parameter: "
+             "compress first (this stage), then run QAT in a second fine-tuning"),
+            ("decomposition.schedule", recipe.sparsity.masks == "none",
+             "iterative changes the shapes of the locked masks' weights; needs sparsity.masks: none"),
+        ]
     return checks
 
 

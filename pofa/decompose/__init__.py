@@ -5,6 +5,7 @@ config plus an in-place verb in the shape of `pofa.quant.prepare_qat_`:
     kronecker_(model, KroneckerConfig(terms=4), filter_fn)                               # pofa.decompose.kronecker
     tensor_(model, TensorConfig(rank=256, bank=None), filter_fn)                         # pofa.decompose.tensor
     prune_structured_(model, StructuredConfig(heads=0.5, ffn=0.5))                       # pofa.decompose.structured
+    Decomposer.for_stage(section, model, run)        # ROSITA's iterative schedule, in a stage   # pofa.decompose.schedule
 
 `filter_fn(module, fqn)` (fqn relative to the base model) picks among the plain `nn.Linear`s; default: the model
 family's encoder blocks. Each verb records what it built in `model.config.pofa_decomposition`; `save_pretrained`
@@ -14,6 +15,14 @@ folder, no `trust_remote_code`. A plain `from_pretrained` of such a folder would
 drop the factors, so pofa's loaders (`pofa.modeling.load_mlm_model`, `pofa.finetune.load_task_model`) call
 `load_decomposed` whenever the config has the entry. Every module computes with standard ops: `pofa.quant.
 export_onnx(..., int8=False)` exports it.
+
+With QAT (`pofa.quant.prepare_qat_`, then `export_onnx(..., int8=True)`): low-rank factors and structurally pruned
+Linears are plain `nn.Linear`s in the encoder blocks, fake-quantized and exported as int8 MatMuls like any other
+(`tests/unit/decompose`: ONNX parity). Kronecker factors and the tensor decomposition's cores and shared basis are
+refused (`check_quantizable`): they are not Linears, so QAT would leave them float while quantizing whatever Linears
+remain, a model that is int8 in name only; and int8 does not carry over to them: their forward multiplies reshaped
+activations by each factor in turn, so the error of every int8 factor multiplies into W (A (x) B; U S V^T with one
+scale for a basis that all layers share), and onnxruntime has no int8 kernel for those reshaped batched products.
 """
 
 from __future__ import annotations
@@ -29,11 +38,13 @@ from pofa.decompose.common import CONFIG_KEY, base_of, decomposition_record, enc
 from pofa.decompose.kronecker import KroneckerConfig, KroneckerLinear, kronecker_, rebuild_kronecker_
 from pofa.decompose.lowrank import (LowRankConfig, LowRankDecoder, LowRankEmbedding, LowRankLinear, low_rank_,
                                     rebuild_low_rank_)
+from pofa.decompose.schedule import Decomposer
 from pofa.decompose.structured import StructuredConfig, prune_structured_, rebuild_structured_
 from pofa.decompose.tensor import SharedBasis, TensorConfig, TuckerLinear, rebuild_tensor_, tensor_
 
 __all__ = [
     "CONFIG_KEY",
+    "Decomposer",
     "KroneckerConfig",
     "KroneckerLinear",
     "LowRankConfig",
@@ -45,6 +56,7 @@ __all__ = [
     "TensorConfig",
     "TuckerLinear",
     "apply_recipe_",
+    "check_quantizable",
     "decomposition_record",
     "is_decomposed",
     "kronecker_",
@@ -150,13 +162,36 @@ def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def check_quantizable(model: nn.Module) -> None:
+    """Raise ValueError if `model` holds Kronecker or tensor factors, which int8 QAT cannot serve (module docstring)."""
+    from pofa.decompose.kronecker import KroneckerLinear
+    from pofa.decompose.tensor import TuckerLinear
+
+    found = sorted({type(m).__name__ for m in model.modules() if isinstance(m, (KroneckerLinear, TuckerLinear))})
+    if found:
+        raise ValueError(f"int8 QAT: the model holds {' and '.join(found)} modules (decomposition "
+                         f"{sorted(decomposition_record(model))}); their factors are not Linears, so QAT would leave "
+                         "them float, and int8 factors of a Kronecker or shared-basis product multiply their errors "
+                         "and get no int8 kernel in onnxruntime. Quantize a low-rank (or structurally pruned) model, "
+                         "or export this one as float (int8=False)")
+
+
 def apply_recipe_(model: nn.Module, section: Any) -> str | None:
     """Apply a recipe's `decomposition` section (`pofa.recipe.DecompositionConfig`) to `model` in place: first the
     structured pruning it asks for (`heads`, `ffn` < 1), then its `method`'s factorization of the selected Linears.
-    Returns a line for the console, or None when the section asks for nothing."""
+    With `schedule: iterative` nothing changes now (the model starts uncompressed; `Decomposer` compresses it at the
+    schedule's events). Returns a line for the console, or None when the section asks for nothing."""
     structured = section.heads < 1.0 or section.ffn < 1.0
     if section.method == "none" and not structured:
         return None
+    if section.schedule == "iterative":
+        targets = [f"{name} {getattr(section, name):g}" for name in ("heads", "ffn") if getattr(section, name) < 1.0]
+        if section.method == "lowrank":
+            targets.append(f"rank {section.rank}" if section.rank is not None else f"energy {section.energy:g}")
+            if section.embeddings:
+                targets.append(f"embedding rank {section.embedding_rank or section.rank or 'by energy'}")
+        return (f"decomposition: iterative (ROSITA), from the dense model to {', '.join(targets)} at events every "
+                f"{section.frequency} steps from step {section.start_step} to {section.end_step}")
     before = parameter_count(model)
     if structured:
         prune_structured_(model, StructuredConfig(heads=section.heads, ffn=section.ffn))

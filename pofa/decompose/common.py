@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 CONFIG_KEY = "pofa_decomposition"
@@ -83,3 +85,55 @@ def require_selection(found: Sequence[Any], verb: str) -> None:
     if not found:
         raise ValueError(f"{verb}: no nn.Linear was selected; the default filter selects the Linears of the model "
                          "family's encoder blocks (pass filter_fn, or check include/exclude)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parameters that change shape during training (the iterative schedule): the optimizer follows them
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Swap:
+    """`old` was replaced by `new` in the model."""
+
+    old: nn.Parameter
+    new: nn.Parameter
+    index: tuple[int, Tensor] | None = None
+    """(dim, indices of `old` along dim that `new` holds) when `new` is a slice (or a copy) of `old`: its optimizer
+    state is sliced alike; None when `new` holds new values (a re-factorization): its state starts afresh."""
+
+
+def retarget_optimizer_(optimizer: Any, swaps: Sequence[Swap]) -> None:
+    """Point `optimizer`'s parameter groups at the `new` parameters of `swaps`, each in the group of the `old` one it
+    replaces (so weight decay stays where it was), with the old state sliced by `index` (AdamW's moments of the kept
+    rows are those rows' moments; the per-parameter `step` is kept) or dropped.
+
+    Works on a torch optimizer or on accelerate's wrapper around one (its `optimizer`). A slice of the state rather
+    than a new optimizer: ROSITA rebuilds its optimizer at every pruning event and so forgets the moments of every
+    weight, the kept ones included; slicing keeps what is still true."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    by_old: dict[int, list[Swap]] = {}
+    for swap in swaps:
+        by_old.setdefault(id(swap.old), []).append(swap)
+    for group in inner.param_groups:
+        params = []
+        for param in group["params"]:
+            replaced = by_old.get(id(param))
+            if replaced is None:
+                params.append(param)
+                continue
+            state = inner.state.pop(param, None)
+            for swap in replaced:
+                params.append(swap.new)
+                if state and swap.index is not None:
+                    inner.state[swap.new] = {k: _sliced(v, param, swap.index) for k, v in state.items()}
+        group["params"] = params
+
+
+def _sliced(value: Any, param: Tensor, index: tuple[int, Tensor]) -> Any:
+    if not torch.is_tensor(value):
+        return value
+    if value.shape != param.shape:  # a scalar `step`
+        return value.clone()
+    dim, keep = index
+    return value.index_select(dim, keep.to(value.device))

@@ -13,12 +13,14 @@ fake-quantized by QAT and exported to ONNX like any Linear.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from pofa.decompose.common import FilterFn, base_of, record_, require_selection, selected_linears, set_submodule
+from pofa.decompose.common import (FilterFn, Swap, base_of, record_, require_selection, selected_linears,
+                                   set_submodule)
 
 
 @dataclass(frozen=True)
@@ -161,10 +163,16 @@ def factorize_embeddings_(model: nn.Module, rank: int | None = None, energy: flo
     model.set_input_embeddings(module)
     if decoder_fqn is not None:
         old = model.get_submodule(decoder_fqn)
-        # The decoder's bias is usually shared with the head (BERT: cls.predictions.bias): keep it where it lives.
-        elsewhere = old.bias is not None and any(p is old.bias for n, p in model.named_parameters()
-                                                 if not n.startswith(f"{decoder_fqn}."))
-        set_submodule(model, decoder_fqn, LowRankDecoder(module, old.bias, owns_bias=not elsewhere))
+        # The decoder's bias is usually the head's (BERT: cls.predictions.bias, RoBERTa: lm_head.bias): use the head's
+        # own Parameter, decided by structure rather than by identity, because a model rebuilt from a config that
+        # says the embeddings are not tied (`load_decomposed`) has an untied copy in the decoder, which the saved
+        # weights do not hold.
+        parent = model.get_submodule(decoder_fqn.rpartition(".")[0]) if "." in decoder_fqn else model
+        head_bias = getattr(parent, "bias", None)
+        shared = (isinstance(head_bias, nn.Parameter) and old.bias is not None
+                  and head_bias.shape == old.bias.shape)
+        bias = head_bias if shared else old.bias
+        set_submodule(model, decoder_fqn, LowRankDecoder(module, bias, owns_bias=not shared))
     model.config.tie_word_embeddings = False
     if hasattr(model, "all_tied_weights_keys"):  # transformers 5: ties by names, recomputed from the config
         model.all_tied_weights_keys = {k: v for k, v in model.all_tied_weights_keys.items()
@@ -206,3 +214,127 @@ def rebuild_low_rank_(model: nn.Module, entry: dict) -> None:
                                                dtype=linear.weight.dtype, device=linear.weight.device))
     if entry.get("embedding_rank"):
         factorize_embeddings_(model, entry["embedding_rank"], initialise=False)
+
+
+# --- shrinking during training (the iterative schedule, `pofa.decompose.schedule`) ------------------------------------
+
+
+def refactor(left: Tensor, right: Tensor, rank: int | None = None, energy: float | None = None
+             ) -> tuple[Tensor, Tensor]:
+    """`svd_factors(left @ right, rank, energy)` without forming the product: with left = Q1 R1 and right^T = Q2 R2,
+    left @ right = Q1 (R1 R2^T) Q2^T, so the SVD of the small r x r core gives the product's (exact, O((m + n) r^2))."""
+    q1, r1 = torch.linalg.qr(left.detach().double())
+    q2, r2 = torch.linalg.qr(right.detach().double().t())
+    u, s, vh = torch.linalg.svd(r1 @ r2.t())
+    r = choose_rank(s, rank, energy)
+    root = s[:r].sqrt()
+    return ((q1 @ u[:, :r]) * root).to(left.dtype), (root[:, None] * (vh[:r] @ q2.t())).to(right.dtype)
+
+
+def _fresh(old: Tensor, new_modules: list[nn.Module]) -> list[Swap]:
+    return [Swap(old, m.weight) for m in new_modules]
+
+
+def _factorize(base: nn.Module, fqn: str, linear: nn.Linear, rank: int | None, energy: float | None
+               ) -> tuple[int, list[Swap]]:
+    swapped = LowRankLinear.from_linear(linear, rank, energy)
+    set_submodule(base, fqn, swapped)
+    swaps = _fresh(linear.weight, [swapped.first, swapped.second])
+    if linear.bias is not None:
+        swaps.append(Swap(linear.bias, swapped.second.bias, (0, torch.arange(linear.bias.numel()))))
+    return swapped.rank, swaps
+
+
+def _truncate(module: LowRankLinear, rank: int | None, energy: float | None) -> list[Swap]:
+    left, right = refactor(module.second.weight, module.first.weight, rank, energy)
+    first = nn.Linear(module.in_features, left.shape[1], bias=False, dtype=left.dtype, device=left.device)
+    second = nn.Linear(left.shape[1], module.out_features, bias=False, dtype=left.dtype, device=left.device)
+    with torch.no_grad():
+        first.weight.copy_(right)
+        second.weight.copy_(left)
+    second.bias = module.second.bias  # unchanged: the same Parameter, its optimizer state stays
+    swaps = _fresh(module.first.weight, [first]) + _fresh(module.second.weight, [second])
+    module.first, module.second, module.rank = first, second, left.shape[1]
+    return swaps
+
+
+def low_rank_targets(model: nn.Module, filter_fn: FilterFn | None) -> list[tuple[str, nn.Module]]:
+    """The selected plain Linears and the `LowRankLinear`s made from selected ones (not their inner factors)."""
+    from pofa.decompose.common import encoder_filter
+
+    select = filter_fn or encoder_filter(model)
+    found, inside = [], set()
+    for fqn, module in base_of(model).named_modules():
+        if fqn.rpartition(".")[0] in inside:
+            continue
+        if isinstance(module, LowRankLinear) and select(module, fqn):
+            found.append((fqn, module))
+            inside.add(fqn)
+        elif type(module) is nn.Linear and select(module, fqn):
+            found.append((fqn, module))
+    return found
+
+
+def shrink_low_rank(model: nn.Module, filter_fn: FilterFn | None, *, rank: Callable[[int], int] | None = None,
+                    energy: float | None = None, final: bool = False) -> list[Swap]:
+    """One event of an iterative low-rank schedule; returns the parameter swaps for the optimizer.
+
+    Each selected module goes to rank `rank(full)` (full = min(in, out), the rank it has while dense), or to the
+    smallest rank keeping `energy` of its current product's squared singular values, and never grows: a plain Linear
+    is factorized (SVD) once its factors would be smaller than it, or at the `final` event whatever the size (the
+    rank asked for is then the one it ends with, as with `low_rank_`); a `LowRankLinear` above the rank is truncated
+    to the best approximation of its current product (`refactor`: its trained factors are no longer SVD-ordered, so
+    slicing them, as ROSITA's code slices its embedding factors, would not be the best approximation)."""
+    base = base_of(model)
+    ranks: dict[str, int] = {}
+    swaps: list[Swap] = []
+    for fqn, module in low_rank_targets(model, filter_fn):
+        if isinstance(module, LowRankLinear):
+            want = (min(module.rank, rank(min(module.in_features, module.out_features))) if rank is not None
+                    else min(module.rank, choose_rank(torch.linalg.svdvals(
+                        (module.second.weight @ module.first.weight).detach().double()), energy=energy)))
+            if want < module.rank:
+                swaps += _truncate(module, want, None)
+                ranks[fqn] = module.rank
+            continue
+        full = min(module.in_features, module.out_features)
+        want = (rank(full) if rank is not None
+                else choose_rank(torch.linalg.svdvals(module.weight.detach().double()), energy=energy))
+        pays = want * (module.in_features + module.out_features) < module.weight.numel()
+        if want < full and (pays or final):
+            ranks[fqn], more = _factorize(base, fqn, module, want, None)
+            swaps += more
+    if ranks:
+        record_(model, "lowrank", {"modules": ranks})
+    return swaps
+
+
+def shrink_embedding(model: nn.Module, rank: int | None = None, energy: float | None = None) -> list[Swap]:
+    """One event for the word embedding: factorized (with its tied decoder) at `rank`, or at the smallest rank
+    keeping `energy`, if still dense and smaller than that; else truncated when above it."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, LowRankEmbedding):
+        left, right = refactor(embedding.embed.weight, embedding.project.weight.t(), rank, energy)
+        if left.shape[1] >= embedding.rank:
+            return []
+        r = left.shape[1]
+        embed = nn.Embedding(embedding.num_embeddings, r, padding_idx=embedding.padding_idx, dtype=left.dtype,
+                             device=left.device)
+        project = nn.Linear(r, embedding.embedding_dim, bias=False, dtype=left.dtype, device=left.device)
+        with torch.no_grad():
+            embed.weight.copy_(left)
+            project.weight.copy_(right.t())
+        swaps = _fresh(embedding.embed.weight, [embed]) + _fresh(embedding.project.weight, [project])
+        embedding.embed, embedding.project, embedding.rank = embed, project, r
+    else:
+        full = min(embedding.weight.shape)
+        want = rank if rank is not None else choose_rank(torch.linalg.svdvals(embedding.weight.detach().double()),
+                                                         energy=energy)
+        if want >= full:
+            return []
+        old = embedding.weight
+        r = factorize_embeddings_(model, want)
+        embedding = model.get_input_embeddings()
+        swaps = _fresh(old, [embedding.embed, embedding.project])
+    record_(model, "lowrank", {"embedding_rank": r})
+    return swaps

@@ -451,8 +451,12 @@ def prepare_qat_(
     ``filter_fn(module, fqn)`` selects among ``nn.Linear`` (and ``nn.Embedding``) modules; default: the model's
     family's (:func:`family_qat_filter`) when it has a ``config`` of a registered family, else
     :func:`default_qat_filter`. Parameter names and Parameter objects are unchanged. Forward hooks registered on a
-    swapped module are not carried over. Raises if ``model`` is already prepared or nothing was selected.
+    swapped module are not carried over. Raises if ``model`` is already prepared or nothing was selected, and for a
+    model holding Kronecker or tensor-decomposition factors (:func:`pofa.decompose.check_quantizable`).
     """
+    from pofa.decompose import check_quantizable
+
+    check_quantizable(model)  # Kronecker / tensor factors: refused, with the reason (pofa.decompose's docstring)
     config = config or QATConfig()
     select = filter_fn or (family_qat_filter(model) if model_type_of(model) is not None else default_qat_filter)
     already = next(iter(qat_modules(model)), None)

@@ -85,3 +85,60 @@ def test_qat_is_refused_where_no_linear_remains():
                                           "quantization": {"enabled": True}})
     recipe_from_dict(FinetuneRecipe, {"decomposition": {"method": "lowrank", "rank": 8},
                                       "quantization": {"enabled": True}})
+
+
+# --- ROSITA's iterative schedule ------------------------------------------------------------------------------------
+
+ITERATIVE = {"method": "lowrank", "rank": 8, "embeddings": True, "heads": 0.5, "ffn": 0.25,
+             "schedule": "iterative", "start_step": 0, "end_step": 6, "frequency": 2}
+
+
+def iterative_student(model_dir, out, cache):
+    result = tiny_recipe(model_dir, out, cache, decomposition=ITERATIVE,
+                         training={"max_steps": 10, "save_every": 3, "learning_rate": 1e-3},
+                         distillation={"teacher": str(model_dir), **DISTILL})
+    result.stage = "student"
+    return result
+
+
+def test_iterative_schedule_shrinks_at_its_events_reaches_the_targets_and_resumes_mid_schedule(
+        tiny_model_dir, tmp_path, cache_dir, capsys, kill_after_checkpoint):
+    import re
+
+    from pofa.decompose import LowRankEmbedding, LowRankLinear
+    from pofa.pretrain import train
+    from tests.conftest import assert_same_safetensors
+
+    straight = train(iterative_student(tiny_model_dir, tmp_path / "straight", cache_dir))
+    out = capsys.readouterr().out
+    assert "decomposition: iterative (ROSITA)" in out
+    events = re.findall(r"step (\d+): decomposition event .*?: heads (\d+) of 2, FFN neurons (\d+) of 64", out)
+    assert events == [("0", "2", "64"), ("2", "2", "48"), ("4", "1", "32"), ("6", "1", "16")]
+    assert straight.eval_after["mlm_loss"] < straight.eval_before["mlm_loss"]
+    model = load_decomposed(straight.final_dir)
+    layer = model.bert.encoder.layer[1]
+    assert isinstance(layer.attention.output.dense, LowRankLinear)
+    assert layer.attention.output.dense.in_features == 16 and layer.output.dense.in_features == 16  # 1 head, 16
+    assert {m.rank for m in model.modules() if isinstance(m, LowRankLinear)} == {8}
+    assert isinstance(model.get_input_embeddings(), LowRankEmbedding) and model.get_input_embeddings().rank == 8
+
+    # killed after the checkpoint of step 3 (between the events of steps 2 and 4), then resumed: the same model
+    with pytest.raises(kill_after_checkpoint(3)):
+        train(iterative_student(tiny_model_dir, tmp_path / "resumed", cache_dir))
+    resumed = train(iterative_student(tiny_model_dir, tmp_path / "resumed", cache_dir), resume=True)
+    assert_same_safetensors(straight.final_dir / "model.safetensors", resumed.final_dir / "model.safetensors")
+
+
+def test_iterative_schedule_in_fine_tuning(tiny_model_dir, sentiment_files, tmp_path):
+    from pofa.finetune import finetune
+
+    decomposition = {"heads": 0.5, "ffn": 0.5, "schedule": "iterative", "start_step": 0, "end_step": 2,
+                     "frequency": 1}
+    result = finetune(recipe(tiny_model_dir, tmp_path / "ft", sentiment_files, sparsity={"masks": "none"},
+                             decomposition=decomposition, distillation={"teacher": str(tiny_model_dir), **DISTILL},
+                             training={"epochs": 1}, export={"compact": False, "onnx": True}))
+    model = load_decomposed(result.final_dir)
+    assert model.bert.encoder.layer[0].intermediate.dense.out_features == 32
+    with pytest.raises(RecipeError, match="decomposition.end_step"):
+        finetune(recipe(tiny_model_dir, tmp_path / "long", sentiment_files, sparsity={"masks": "none"},
+                        decomposition={**decomposition, "end_step": 10_000}, training={"epochs": 1}))

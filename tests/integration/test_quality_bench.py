@@ -93,12 +93,24 @@ def test_quick_mode_runs_every_arm_and_the_report_regenerates_the_page(tmp_path,
         assert r["config"]["training.max_steps"] == 6, r  # the same fine-tuning budget for every arm
         if r["arm"] == "dense":
             assert r["measured_sparsity"] == 0.0
+        elif r["arm"] in q.DECOMPOSITIONS:
+            assert r["level"] == q.DECOMPOSITIONS[r["arm"]][0] and r["sparsity"] == 0.0, r
         else:
             assert r["sparsity_exact"] and r["measured_sparsity"] == pytest.approx(r["sparsity"], abs=1e-3), r
+        assert 0 < r["nonzero_parameters"] <= r["parameters"] and r["bytes"] > 4 * r["parameters"], r
         assert r["distillation"] == (r["arm"] in q.KD_ARMS) and r["qat"] == (r["arm"] == "pofa-qat"), r
     assert {(r["task"], r["sparsity"], r["seed"]) for r in finetuned if r["arm"] == "pofa-qat"} == {
         (t, s, seed) for t in ("movie_reviews", "snli") for s in (0.8, 0.9) for seed in (1, 2)}
     assert {r["budget_steps"] for r in finetuned if r["arm"] == "pofa"} == {12, 6}
+    # Each decomposition is smaller than the dense model it came from, and ran once per task and seed.
+    dense_parameters = {r["task"]: r["parameters"] for r in finetuned if r["arm"] == "dense"}
+    for arm in q.DECOMPOSITIONS:
+        mine = [r for r in finetuned if r["arm"] == arm]
+        assert len(mine) == 4 and all(r["parameters"] < dense_parameters[r["task"]] for r in mine), arm
+    # ROSITA's structured pruning really removes heads and neurons (one of two heads, 1/4 of the FFN neurons).
+    from transformers import AutoConfig
+    kept = AutoConfig.from_pretrained(work / "decomposed-rosita-2" / "final").pofa_decomposition["structured"]
+    assert all(len(block["heads"]) == 1 and block["ffn"] == 16 for block in kept["modules"].values()), kept
 
     # Held-out MLM loss of the upstream models: scored exactly as the pre-training loop scores them.
     by = {(r["arm"], r["sparsity"], r["budget_steps"]): r for r in upstream}
@@ -115,13 +127,17 @@ def test_quick_mode_runs_every_arm_and_the_report_regenerates_the_page(tmp_path,
     assert q.main(["report", "--results", str(results), "--page", str(page), "--plots", str(plots)]) == 0
     text = page.read_text()
     assert "## quick mode" in text and "nan" not in text.lower()
-    for arm in arms - {"dense"}:
+    for arm in arms - {"dense"} - set(q.DECOMPOSITIONS):
         for sparsity in ("80%", "90%"):
             assert f"| {arm} | {sparsity} | " in text, (arm, sparsity)
+    for arm, (level, _) in q.DECOMPOSITIONS.items():
+        assert f"| {arm} | {level} | " in text, arm  # the size table
+        assert f"| {arm}: {level} | 0% | 12 |" in text, arm  # the upstream MLM table
+    assert "| pofa student (GMP + KD of logits, hidden states, attention) | 90% | 12 |" in text
     assert "| dense | 0% | " in text
     assert "| prepared teacher (dense) | 0% |" in text and "| one-shot magnitude pruning | 90% |" in text
     assert "| movie_reviews | 90% |" in text  # the retention-vs-budget table
-    for name in ("quick-accuracy-vs-sparsity.png", "quick-retention-vs-budget.png"):
+    for name in ("quick-accuracy-vs-sparsity.png", "quick-retention-vs-budget.png", "quick-accuracy-vs-size.png"):
         data = (plots / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10_000, name
         assert f"(plots/{name})" in text
