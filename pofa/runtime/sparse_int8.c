@@ -117,6 +117,20 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, int64_t R, const 
 #endif
     }
     const int64_t t0 = tb * TB, tn = T - t0 < TB ? T - t0 : TB;
+#if POFA_PATH == 3
+    /* acc holds a token per lane, y a row per float: each token's RB sums are gathered (one column of acc) and
+     * written as one vector; the rows past rn are masked off (neither read nor written). */
+    const __mmask16 m = (__mmask16)((1u << rn) - 1);
+    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(TB));
+    const __m512i offset = _mm512_maskz_loadu_epi32(m, out_offset + r0);
+    const __m512 scale = _mm512_maskz_loadu_ps(m, out_scale + r0), shift = _mm512_maskz_loadu_ps(m, bias + r0);
+    for (int64_t j = 0; j < tn; j++) {
+        const __m512i s = _mm512_mask_i32gather_epi32(offset, m, column, (const void *)&acc[0][j], 4);
+        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(s, offset));
+        _mm512_mask_storeu_ps(y + (t0 + j) * R + r0, m, _mm512_fmadd_ps(v, scale, shift));
+    }
+#else
     for (int64_t j = 0; j < tn; j++) {
         float *out = y + (t0 + j) * R + r0;
         for (int64_t i = 0; i < rn; i++) {
@@ -125,6 +139,7 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, int64_t R, const 
             out[i] = (float)(s - out_offset[r0 + i]) * out_scale[r0 + i] + bias[r0 + i];
         }
     }
+#endif
 }
 
 /* y[T, R] = Linear of x[T, K] (both float32, row-major). Returns 0, or 1 if the scratch could not be allocated. */

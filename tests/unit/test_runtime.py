@@ -148,6 +148,28 @@ def test_sparse_int8_linear_computes_what_the_qat_linear_does(arch, shape, in_fe
 
 
 @needs_compiler
+@pytest.mark.parametrize("arch", _isa_paths())
+@pytest.mark.parametrize("tokens, in_features, out_features",
+                         [(1, 4, 1), (70, 50, 33), (130, 300, 48), (64, 96, 16), (3, 7, 100)])
+def test_sparse_int8_kernel_sums_exactly_the_reference_integers(arch, tokens, in_features, out_features):
+    # Unit scales, no bias and integer inputs make the kernel's output the integer product itself (below 2**24,
+    # exact in float32): any lost, doubled or misplaced non-zero, token or row shows as a different integer.
+    from pofa.quant.qat import ActivationQuant
+    from pofa.runtime import SparseInt8Linear, pack_sparse_int8, sparse_int8_kernel
+
+    g = torch.Generator().manual_seed(tokens * 1000 + in_features)
+    q = torch.randint(-127, 128, (out_features, in_features), generator=g)
+    q = (q * (torch.rand(out_features, in_features, generator=g) >= 0.9)).to(torch.int8)
+    q[0] = 0  # an empty row
+    zero_point = 37
+    x = torch.randint(-zero_point, 256 - zero_point, (tokens, in_features), generator=g)  # q_x - zero_point = x
+    packed = pack_sparse_int8(q, torch.ones(out_features), ActivationQuant(1.0, zero_point, 8))
+    got = SparseInt8Linear(packed, sparse_int8_kernel(arch))(x.float())
+    expected = x.to(torch.int64) @ q.to(torch.int64).T
+    assert torch.equal(got.to(torch.int64), expected) and torch.equal(got, expected.float())
+
+
+@needs_compiler
 def test_packing_keeps_only_groups_with_a_non_zero_and_folds_the_zero_point():
     from pofa.quant.qat import ActivationQuant
     from pofa.runtime import pack_sparse_int8
