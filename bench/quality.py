@@ -22,6 +22,8 @@ steps, examples, batch, sequence length, seed) for every arm:
     downstream-nokd  the same, without distillation
     pofa-inter       pofa with intermediate-layer distillation in the student stage: hidden-state MSE and attention KL
                      of every layer beside the logits (issue: what distilling more than the logits buys)
+    pofa-1x4         pofa with 1x4 block masks (`pruning.pattern: 1x4`, the sparse int8 kernel's unit): what the
+                     runtime's speed costs in accuracy
 
 Decomposition arms (`pofa.decompose`), two levels per technique (`DECOMPOSITIONS`: lowrank-1/2, kronecker-1/2,
 tensor-1/2, rosita-1/2): the prepared teacher decomposed at the start of a student stage without pruning (ROSITA's
@@ -40,9 +42,9 @@ time. `report` keeps the latest record per key and writes `bench/RESULTS.md` wit
 
 Full mode (MiniLM-L6 on python-docs; the quickstart's budget per stage: teacher 80 steps, student 120 steps, and
 125 fine-tuning steps of 32 sentences, 2 epochs of 2,000, for every arm) takes, at the quickstart's speed on 2 idle
-cores (~1.4 s per teacher step, ~1.6 s per student step, ~2-2.2 s per fine-tuning step), about 15 hours for the
-whole grid (2 tasks x 80%, 90% x 3 seeds x 9 pruning arms, the pofa arm at 60 and 240 student steps, and the 8
-decompositions per task and seed: 191 stage runs), 13 hours without the extra budgets, 52 minutes for the 9 pruning
+cores (~1.4 s per teacher step, ~1.6 s per student step, ~2-2.2 s per fine-tuning step), about 16 hours for the
+whole grid (2 tasks x 80%, 90% x 3 seeds x 10 pruning arms, the pofa arm at 60 and 240 student steps, and the 8
+decompositions per task and seed: 205 stage runs), 14 hours without the extra budgets, an hour for the 10 pruning
 arms on one task, one sparsity and one seed. `python bench/quality.py
 plan [selection]` prints the count of each stage and the estimate (from the results' measured seconds per step once
 there are any); `--scale 0.25` runs every method at a quarter of its steps (the teacher keeps its own).
@@ -69,8 +71,8 @@ RESULTS = ROOT / "bench" / "results" / "quality.jsonl"
 PAGE = ROOT / "bench" / "RESULTS.md"
 PLOTS = ROOT / "bench" / "results"
 
-PRUNING_ARMS = ("dense", "pofa", "pofa-nokd", "pofa-qat", "pofa-inter", "oneshot", "oneshot-nokd", "downstream",
-                "downstream-nokd")
+PRUNING_ARMS = ("dense", "pofa", "pofa-nokd", "pofa-qat", "pofa-inter", "pofa-1x4", "oneshot", "oneshot-nokd",
+                "downstream", "downstream-nokd")
 # Decomposition arms (pofa.decompose), two levels per technique: arm -> (level, the recipe's `decomposition`
 # section for hidden width D). The levels of bench/bench_decompose.py, whose size and latency tables they join.
 DECOMPOSITIONS: dict[str, tuple[str, Any]] = {
@@ -89,13 +91,19 @@ DECOMPOSITIONS: dict[str, tuple[str, Any]] = {
 ARMS = PRUNING_ARMS + tuple(DECOMPOSITIONS)
 TASKS = ("movie_reviews", "snli")
 SPARSE_ARMS = PRUNING_ARMS[1:]
-KD_ARMS = ("pofa", "pofa-qat", "pofa-inter", "oneshot", "downstream", *DECOMPOSITIONS)
+KD_ARMS = ("pofa", "pofa-qat", "pofa-inter", "pofa-1x4", "oneshot", "downstream", *DECOMPOSITIONS)
 # The student stage's intermediate-layer distillation (pofa-inter and the decomposition arms): hidden-state MSE and
 # attention KL beside the logits, every layer paired, as ROSITA and KroneckerBERT distil.
 INTERMEDIATE = {"distillation.hidden_weight": 1.0, "distillation.attention_weight": 1.0}
+# Student variants with their own upstream run (the pofa student's recipe changed): arm -> (changes, description).
+STUDENT_VARIANTS = {
+    "pofa-inter": (INTERMEDIATE, "pofa student (GMP + KD of logits, hidden states, attention)"),
+    "pofa-1x4": ({"pruning.pattern": "1x4"}, "pofa student, 1x4 blocks (GMP + KD)"),
+}
 # Fine-tuning seconds per arm relative to a plain (no teacher) sparse transfer, for the estimate when an arm has
 # no measurement yet: a distilled step also runs the teacher's forward (~1.5x), QAT's fake quantization ~2x.
-ARM_COST = {"dense": 1.0, "pofa": 1.5, "pofa-nokd": 1.0, "pofa-qat": 2.0, "pofa-inter": 1.5, "oneshot": 1.5,
+ARM_COST = {"dense": 1.0, "pofa": 1.5, "pofa-nokd": 1.0, "pofa-qat": 2.0, "pofa-inter": 1.5, "pofa-1x4": 1.5,
+            "oneshot": 1.5,
             "oneshot-nokd": 1.0, "downstream": 1.6, "downstream-nokd": 1.1, **{a: 1.4 for a in DECOMPOSITIONS}}
 
 
@@ -401,9 +409,15 @@ def hidden_width(folder: Path) -> int:
     return int(getattr(config, "hidden_size", None) or config.dim)
 
 
-def is_exact(per_weight: dict[str, list[int]], target: float) -> bool:
-    """Whether every weight holds exactly round(target x numel) zeros (layer-wise magnitude masks)."""
-    return all(zeros == round(target * numel) for zeros, numel in per_weight.values())
+def is_exact(per_weight: dict[str, list[int]], target: float, block: int = 1) -> bool:
+    """Whether every weight holds exactly round(target x numel) zeros (layer-wise magnitude masks), or with blocks
+    of `block` weights exactly round(target x blocks) whole blocks."""
+    return all(zeros == round(target * numel / block) * block for zeros, numel in per_weight.values())
+
+
+def block_size(arm: str) -> int:
+    """Weights per pruned block of the arm's masks (1: unstructured)."""
+    return 4 if arm == "pofa-1x4" else 1
 
 
 def write_task_files(task: str, folder: Path, train_rows: int, test_rows: int) -> dict[str, str]:
@@ -446,7 +460,7 @@ def student_budgets(selection: Selection) -> tuple[int, ...]:
     """The student runs the selection needs, per sparsity: the main budget when any pofa arm runs, the others when
     the `pofa` arm does (only it is run at every budget)."""
     main = selection.budgets[0]
-    pofa_arms = [a for a in selection.arms if a.startswith("pofa") and a != "pofa-inter"]  # it has its own student
+    pofa_arms = [a for a in selection.arms if a.startswith("pofa") and a not in STUDENT_VARIANTS]  # own students
     return tuple(b for b in selection.budgets if (b == main and pofa_arms) or (b != main and "pofa" in pofa_arms))
 
 
@@ -455,8 +469,8 @@ def stage_counts(selection: Selection) -> dict[str, int]:
     counts: dict[str, int] = {"teacher": 1}
     for steps in student_budgets(selection):
         counts[f"student:{steps}"] = len(selection.sparsities)
-    if "pofa-inter" in selection.arms:
-        counts[f"student-inter:{selection.budgets[0]}"] = len(selection.sparsities)
+    for arm in (a for a in selection.arms if a in STUDENT_VARIANTS):
+        counts[f"student-{arm.removeprefix('pofa-')}:{selection.budgets[0]}"] = len(selection.sparsities)
     if decompositions := [a for a in selection.arms if a in DECOMPOSITIONS]:
         counts[f"decompose:{selection.budgets[0]}"] = len(decompositions)
     per_pair = len(selection.tasks) * len(selection.seeds)
@@ -480,7 +494,7 @@ def estimate_seconds(counts: dict[str, int], seconds: dict[str, float], *, teach
     for key, n in counts.items():
         if key == "teacher":
             total += n * teacher_steps * seconds.get("teacher_per_step", 0.0)
-        elif key.split(":")[0] in ("student", "student-inter", "decompose"):
+        elif key.startswith(("student", "decompose")):
             total += n * int(key.split(":")[1]) * seconds.get("student_per_step", 0.0)
         else:
             arm = key.split(":")[1]
@@ -590,7 +604,8 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
             sparse = {"level": DECOMPOSITIONS[arm][0]}
         else:
             sp = measured_sparsity(folder)
-            sparse = {"measured_sparsity": sp["sparsity"], "sparsity_exact": is_exact(sp["per_weight"], sparsity)}
+            sparse = {"measured_sparsity": sp["sparsity"],
+                      "sparsity_exact": is_exact(sp["per_weight"], sparsity, block_size(arm))}
         rec = recorder.write({"kind": "upstream", "arm": arm, "sparsity": sparsity, "budget_steps": steps,
                               "budget_tokens": steps * shape, "mlm_loss": mlm["mlm_loss"],
                               "mlm_accuracy": mlm["mlm_accuracy"], **sparse, **model_size(folder),
@@ -616,14 +631,14 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
             folder, seconds = pretrained(recipe, reuse)
             upstream("pofa", folder, sparsity, steps, seconds, recipe)
             sparse_inputs[("pofa", sparsity, steps)] = folder
-        if "pofa-inter" in arms:
-            out = work / f"student-s{sparsity:g}-b{main}-inter"
-            recipe = student_recipe(mode, teacher, sparsity, main, out, cache, extra=INTERMEDIATE)
-            print(f"\n== student pruning to {sparsity:.0%} in {main} steps, intermediate-layer distillation",
-                  flush=True)
+        for arm in (a for a in arms if a in STUDENT_VARIANTS):
+            changes, what = STUDENT_VARIANTS[arm]
+            out = work / f"student-s{sparsity:g}-b{main}-{arm.removeprefix('pofa-')}"
+            recipe = student_recipe(mode, teacher, sparsity, main, out, cache, extra=changes)
+            print(f"\n== {what}: {sparsity:.0%} in {main} steps", flush=True)
             folder, seconds = pretrained(recipe, reuse)
-            upstream("pofa-inter", folder, sparsity, main, seconds, recipe)
-            sparse_inputs[("pofa-inter", sparsity, main)] = folder
+            upstream(arm, folder, sparsity, main, seconds, recipe)
+            sparse_inputs[(arm, sparsity, main)] = folder
         if any(a.startswith("oneshot") for a in arms):
             t0 = time.perf_counter()
             folder = oneshot_model(teacher, sparsity, work / f"oneshot-s{sparsity:g}")
@@ -655,7 +670,7 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
                 else:
                     sp = measured_sparsity(result.final_dir)
                     sparse = {"measured_sparsity": sp["sparsity"],
-                              "sparsity_exact": is_exact(sp["per_weight"], sparsity)}
+                              "sparsity_exact": is_exact(sp["per_weight"], sparsity, block_size(arm))}
                 rec = recorder.write({
                     "kind": "finetune", "arm": arm, "task": task, "sparsity": sparsity, "seed": seed,
                     "budget_steps": steps, "distillation": recipe.distillation.teacher is not None,
@@ -678,7 +693,7 @@ def _run(mode: Mode, selection: Selection, work: Path, recorder: Recorder, reuse
                 for arm in [a for a in arms if a in SPARSE_ARMS]:
                     kd = dense if arm in KD_ARMS else None
                     if arm.startswith("pofa"):
-                        source = "pofa-inter" if arm == "pofa-inter" else "pofa"
+                        source = arm if arm in STUDENT_VARIANTS else "pofa"
                         for steps in (selection.budgets if arm == "pofa" else (main,)):
                             tune(arm, sparse_inputs[(source, sparsity, steps)], sparsity, steps, kd,
                                  work / "finetune" / task / f"{arm}-s{sparsity:g}-b{steps}-seed{seed}")
@@ -885,7 +900,7 @@ def decomposition_lines(mode_name: str, records: Sequence[dict[str, Any]], plots
     dense_mean = {t: mean_std(groups[("dense", 0.0, t)])[0] for t in tasks if groups.get(("dense", 0.0, t))}
     mains = {r["selection"]["budgets"][0] for r in records}  # the main student budget of each run
     mlm = {(r["arm"], round(r["sparsity"], 4)): r["mlm_loss"] for r in records if r["kind"] == "upstream"
-           and (r["arm"] not in ("pofa", "pofa-inter") or r["budget_steps"] in mains)}
+           and (r["arm"] not in ("pofa", *STUDENT_VARIANTS) or r["budget_steps"] in mains)}
 
     def upstream_loss(arm: str, sparsity: float) -> float | None:
         """The held-out MLM loss of the model the arm fine-tuned (downstream pruning starts from the teacher)."""
@@ -985,7 +1000,7 @@ def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, pag
     for r in sorted(up, key=lambda r: (r["arm"] != "teacher", r["arm"] in DECOMPOSITIONS, r["sparsity"], r["arm"],
                                        r["budget_steps"])):
         name = {"teacher": "prepared teacher (dense)", "pofa": "pofa student (GMP + KD)",
-                "pofa-inter": "pofa student (GMP + KD of logits, hidden states, attention)",
+                **{arm: what for arm, (_, what) in STUDENT_VARIANTS.items()},
                 "oneshot": "one-shot magnitude pruning"}.get(r["arm"], f"{r['arm']}: {r.get('level', '')}")
         steps_cell = str(r["budget_steps"]) if r["arm"] not in ("teacher", "oneshot") else "-"
         lines.append(f"| {name} | {r['sparsity']:.0%} | {steps_cell} | {r['mlm_loss']:.3f} | "

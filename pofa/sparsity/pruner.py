@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 
 from pofa.artifacts import MASKS_FILE, PRUNED_VALUES_FILE
+from pofa.sparsity.masks import parse_block
 
 if TYPE_CHECKING:
     from pofa.recipe import PruningConfig
@@ -62,8 +63,9 @@ class Pruner:
         """Recompute the masks at `step`; returns the event's log line.
 
         With an N:M `pruning.pattern` the masks ramp group by group (`pofa.sparsity.nm_masks`) and are N:M from the
-        event that reaches the target on; the store then records the pattern, so that `check_masks` verifies it at
-        every later event and save, and the mask file carries it to fine-tuning.
+        event that reaches the target on; with a block pattern (`1x4`) they are whole blocks at every event. The
+        store then records the pattern, so that `check_masks` verifies it at every later event and save, and the
+        mask file carries it to fine-tuning.
         """
         from pofa.sparsity import check_masks
 
@@ -76,8 +78,9 @@ class Pruner:
             changes = self.guard.prune_(target, optimizer=optimizer, scope=c.scope, revive=self.pruned_values,
                                         pattern=c.pattern)
             revived = f", revived {changes.num_revived()}"
-        if c.pattern != self.store.pattern and target == c.target_sparsity:
-            self.store.pattern = c.pattern  # raises if a mask is not N:M
+        # N:M masks follow their pattern once the ramp reaches it; block masks are whole blocks at every event.
+        if c.pattern != self.store.pattern and (target == c.target_sparsity or parse_block(c.pattern) is not None):
+            self.store.pattern = c.pattern  # raises if a mask breaks it
         check_masks(self.model, self.store)
         # During an N:M ramp the masks are not N:M yet: say which the event's masks are.
         pattern = f", masks {self.store.pattern}" if c.pattern != "unstructured" else ""

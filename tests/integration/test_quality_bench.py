@@ -102,6 +102,10 @@ def test_quick_mode_runs_every_arm_and_the_report_regenerates_the_page(tmp_path,
     assert {(r["task"], r["sparsity"], r["seed"]) for r in finetuned if r["arm"] == "pofa-qat"} == {
         (t, s, seed) for t in ("movie_reviews", "snli") for s in (0.8, 0.9) for seed in (1, 2)}
     assert {r["budget_steps"] for r in finetuned if r["arm"] == "pofa"} == {12, 6}
+    # The 1x4 arm's student pruned whole blocks of 4 input features, and its transfer kept them.
+    from pofa.sparsity import MaskStore
+    for sparsity in (0.8, 0.9):
+        assert MaskStore.load(work / f"student-s{sparsity:g}-b12-1x4" / "final" / "masks.safetensors").pattern == "1x4"
     # Each decomposition is smaller than the dense model it came from, and ran once per task and seed.
     dense_parameters = {r["task"]: r["parameters"] for r in finetuned if r["arm"] == "dense"}
     for arm in q.DECOMPOSITIONS:

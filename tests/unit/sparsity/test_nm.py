@@ -265,8 +265,9 @@ def test_recipe_pattern_is_checked_before_anything_runs():
         recipe(pattern="2:4")
     with pytest.raises(RecipeError, match="pruning.scope: must be layer with pruning.pattern 2:4"):
         recipe(pattern="2:4", target_sparsity=0.5, scope="global")
-    with pytest.raises(RecipeError, match="pruning.pattern: must be 'unstructured' or 'N:M'.*'2x4'"):
-        recipe(pattern="2x4", target_sparsity=0.5)
+    with pytest.raises(RecipeError, match="pruning.pattern: must be 'unstructured', 'N:M'.*'RxC' blocks.*'2/4'"):
+        recipe(pattern="2/4", target_sparsity=0.5)
+    assert recipe(pattern="2x4", target_sparsity=0.5).pruning.pattern == "2x4"  # blocks of 2 rows x 4 inputs
 
 
 # --- GPU semi-structured conversion (its CPU-checkable parts; bench/gpu_check.py runs it on a GPU) --------------------
