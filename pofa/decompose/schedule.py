@@ -49,24 +49,17 @@ from pofa.decompose.common import (CONFIG_KEY, base_of, decomposition_record, en
 from pofa.decompose.lowrank import LowRankEmbedding, LowRankLinear, shrink_embedding, shrink_low_rank
 from pofa.decompose.structured import (StructuredConfig, effective_weight, encoder_blocks, head_size_of, layout_of,
                                        original_counts, prune_structured)
+from pofa.sparsity.schedule import require_int
 
 __all__ = ["DECOMPOSITION_FILE", "Decomposer", "describe", "is_event", "kept_fraction", "progress", "scheduled_rank"]
 
 
 
-def _require_int(name: str, value: object, *, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def progress(step: int, *, start_step: int, end_step: int) -> float:
     """How far the schedule is after `step` completed optimizer steps: 0 up to `start_step`, 1 from `end_step`."""
-    _require_int("step", step, minimum=0)
-    _require_int("start_step", start_step, minimum=0)
-    _require_int("end_step", end_step, minimum=0)
+    require_int("step", step, minimum=0)
+    require_int("start_step", start_step, minimum=0)
+    require_int("end_step", end_step, minimum=0)
     if end_step <= start_step:
         raise ValueError(f"end_step ({end_step}) must be greater than start_step ({start_step})")
     return min(1.0, max(0.0, (step - start_step) / (end_step - start_step)))
@@ -81,16 +74,16 @@ def kept_fraction(step: int, *, final: float, start_step: int, end_step: int) ->
 
 def scheduled_rank(step: int, *, full: int, final: int, start_step: int, end_step: int) -> int:
     """Rank after `step` steps: `full` (the dense rank) -> `final`, linearly, rounded; never below `final`."""
-    _require_int("full", full, minimum=1)
-    _require_int("final", final, minimum=1)
+    require_int("full", full, minimum=1)
+    require_int("final", final, minimum=1)
     final = min(final, full)
     return max(final, round(full - (full - final) * progress(step, start_step=start_step, end_step=end_step)))
 
 
 def is_event(step: int, *, start_step: int, frequency: int, end_step: int) -> bool:
     """Whether the model is compressed after `step` steps: at start_step, start_step + frequency, ... <= end_step."""
-    _require_int("step", step, minimum=0)
-    _require_int("frequency", frequency, minimum=1)
+    require_int("step", step, minimum=0)
+    require_int("frequency", frequency, minimum=1)
     if step < start_step or step > end_step:
         return False
     return (step - start_step) % frequency == 0

@@ -9,10 +9,12 @@ target over steps 0-50k and recomputes the masks every 1000 steps until step 80k
 
 from __future__ import annotations
 
-__all__ = ["cubic_sparsity", "is_pruning_step"]
+__all__ = ["cubic_sparsity", "is_pruning_step", "require_int"]
 
 
-def _require_int(name: str, value: object, *, minimum: int) -> int:
+def require_int(name: str, value: object, *, minimum: int) -> int:
+    """`value`, if it is an int (not a bool) of at least `minimum`; else ValueError naming `name` and the value (the
+    step arguments of pofa's schedules)."""
     # bool is an int subclass; a True step is always a bug in the caller.
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
@@ -40,11 +42,11 @@ def cubic_sparsity(step: int, *, initial: float, final: float, start_step: int, 
         ValueError: naming the argument, if a step is not a non-negative int, a sparsity lies outside [0, 1],
             or ``end_step <= start_step``.
     """
-    _require_int("step", step, minimum=0)
+    require_int("step", step, minimum=0)
     initial = _require_fraction("initial", initial)
     final = _require_fraction("final", final)
-    _require_int("start_step", start_step, minimum=0)
-    _require_int("end_step", end_step, minimum=0)
+    require_int("start_step", start_step, minimum=0)
+    require_int("end_step", end_step, minimum=0)
     if end_step <= start_step:
         raise ValueError(f"end_step ({end_step}) must be greater than start_step ({start_step})")
     if step <= start_step:
@@ -65,10 +67,10 @@ def is_pruning_step(step: int, *, start_step: int, frequency: int, end_pruning_s
         ValueError: naming the argument, if a step is not a non-negative int, ``frequency < 1``, or
             ``end_pruning_step < start_step``.
     """
-    _require_int("step", step, minimum=0)
-    _require_int("start_step", start_step, minimum=0)
-    _require_int("frequency", frequency, minimum=1)
-    _require_int("end_pruning_step", end_pruning_step, minimum=0)
+    require_int("step", step, minimum=0)
+    require_int("start_step", start_step, minimum=0)
+    require_int("frequency", frequency, minimum=1)
+    require_int("end_pruning_step", end_pruning_step, minimum=0)
     if end_pruning_step < start_step:
         raise ValueError(f"end_pruning_step ({end_pruning_step}) must be >= start_step ({start_step})")
     if step < start_step or step > end_pruning_step:

@@ -18,12 +18,9 @@ from pofa.sparsity import (
     pattern_sparsity,
 )
 
+from tests.unit.sparsity.test_nm import weights  # the same two random weights as the N:M tests
+
 torch.set_num_threads(1)
-
-
-def weights(seed=0, shapes=((8, 16), (12, 32))):
-    generator = torch.Generator().manual_seed(seed)
-    return {f"w{i}": torch.randn(shape, generator=generator) for i, shape in enumerate(shapes)}
 
 
 def test_parse_block_and_the_patterns_it_shares_parse_pattern_with():
