@@ -5,8 +5,11 @@ Everything is built locally (no download) and once per session, so each test run
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -173,3 +176,13 @@ class NetworkGuard:
 def pytest_configure(config) -> None:
     if _env_flag("POFA_REQUIRE_NETWORK") or _env_flag("POFA_CI_OFFLINE"):
         config.pluginmanager.register(NetworkGuard(offline=_env_flag("POFA_CI_OFFLINE")), "pofa-network-guard")
+
+
+def load_bench_script(name: str, path: Path) -> ModuleType:
+    """The script at `path` (a bench/ file, not a package module) imported once as module `name`."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses resolve their annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,17 +11,14 @@ from pathlib import Path
 import pytest
 from transformers import BertConfig
 
+from tests.conftest import load_bench_script
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "gpu_check.py"
 
 
 def load_script():
-    if "gpu_check" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["gpu_check"] = module  # its dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["gpu_check"]
+    return load_bench_script("gpu_check", SCRIPT)
 
 
 @pytest.mark.parametrize("name, peak", [

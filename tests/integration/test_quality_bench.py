@@ -5,13 +5,13 @@ lines it wrote."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import load_bench_script
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "bench" / "quality.py"
@@ -19,12 +19,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def load_script():
-    if "quality_bench" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("quality_bench", SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["quality_bench"] = module  # its dataclasses resolve their annotations through sys.modules
-        spec.loader.exec_module(module)
-    return sys.modules["quality_bench"]
+    return load_bench_script("quality_bench", SCRIPT)
 
 
 def test_stage_counts_of_a_selection():
