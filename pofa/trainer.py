@@ -17,7 +17,10 @@ A thin adapter from the Trainer's events to `pofa.sparsity.lock.lock_sparsity` (
     on_train_end     check_masks, hooks removed.
 
 A plain Trainer with AdamW (weight decay 0.01) makes a 90% sparse model dense within one optimizer step;
-tests/unit/test_trainer.py measures both ways, with gradient accumulation and bf16.
+tests/unit/test_trainer.py measures both ways, with gradient accumulation and bf16. Under DeepSpeed (the Trainer's
+`deepspeed=` config) the lock also zeroes DeepSpeed's fp32 master copies and its Adam moments, at the start and after
+a resume from a checkpoint: tests/integration/test_trainer_deepspeed.py runs ZeRO-2 (fp32) and ZeRO-3 (bf16) on two
+processes, with a checkpoint and a resume from it, and reads the master copies back.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from torch import nn
 
 from pofa.artifacts import MASKS_FILE
 from pofa.sparsity.masks import POOLER_TARGET, MaskStore, check_masks, unwrap_model
-from pofa.sparsity.optim import MaskGuard, _innermost_optimizer
+from pofa.sparsity.optim import MaskGuard
 
 __all__ = ["find_mask_file", "lock_sparsity", "model_masks", "without_absent_pooler"]
 
@@ -115,5 +115,5 @@ def lock_sparsity(
     store = model_masks(model, masks, include=include, exclude=exclude)
     guard = MaskGuard(model, store)
     # The weights are zero where pruned already (checked above); this zeroes what a resumed optimizer remembers.
-    guard.enforce_(_innermost_optimizer(optimizer) if optimizer is not None else None)
+    guard.enforce_(optimizer)
     return guard

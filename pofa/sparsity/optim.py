@@ -124,9 +124,13 @@ def _deepspeed_state_keys(zero_optimizer: Any) -> list[str]:
         for key, value in state.items():
             if torch.is_tensor(value) and torch.is_tensor(flat_param) and value.shape == flat_param.shape:
                 keys.add(key)
-    # ZeRO-1/2 link per-parameter views of the state lazily, at the first step; make sure they exist.
+    # ZeRO-1/2 link per-parameter views of the state lazily, at the first step; make sure they exist. Loading a
+    # checkpoint re-creates the parameter mappings without those views, while DeepSpeed still counts them as linked
+    # if the process had stepped before: always link afresh (cheap: views only).
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if keys and callable(link):
+        if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
+            zero_optimizer._hp_optimizer_states_linked = False
         link()
     return sorted(keys)
 
@@ -196,9 +200,19 @@ class MaskGuard:
         return any(_is_deepspeed_param(param) for param in self._params.values())
 
     def _zero_optimizer(self, optimizer: Any) -> Any:
-        # A DeepSpeed engine owns its ZeRO optimizer; prefer it over what the caller passed.
+        """DeepSpeed's ZeRO optimizer: the engine's when the guard holds the engine, else the one inside what the
+        caller passed (accelerate's wrapper > ZeRO optimizer > torch optimizer, as a Trainer callback receives it).
+        The torch optimizer inside would not do: the per-parameter views of its state are linked by the ZeRO one."""
         engine_optimizer = getattr(self._model, "optimizer", None)
-        return engine_optimizer if engine_optimizer is not None else optimizer
+        outer = engine_optimizer if engine_optimizer is not None else optimizer
+        seen: set[int] = set()
+        candidate = outer
+        while candidate is not None and id(candidate) not in seen:
+            if callable(getattr(candidate, "_lazy_init_hp_params_optimizer_state", None)):
+                return candidate
+            seen.add(id(candidate))
+            candidate = getattr(candidate, "optimizer", None)
+        return outer  # ZeRO-3's optimizer needs no linking
 
     # --- public API ---------------------------------------------------------------------------------------------
     def mask_gradients_(self) -> None:
@@ -319,6 +333,7 @@ class MaskGuard:
             if self._uses_deepspeed():
                 self._enforce_deepspeed(self._zero_optimizer(optimizer), newly_pruned)
                 return
+            optimizer = _innermost_optimizer(optimizer) if optimizer is not None else None
             for name in sorted(self._params):
                 param = self._params[name]
                 keep = self._local_mask(name)
