@@ -4,10 +4,10 @@
 
 A user's own `transformers.Trainer` fine-tunes a 90%-sparse tiny BERT classifier under DeepSpeed (CPU, gloo), with
 gradient accumulation and a checkpoint every 2 steps. MODE: ``zero2`` (fp32), ``zero3-bf16`` (parameters sharded,
-bf16 with fp32 master copies), ``zero2-unlocked`` (no SparsityLockCallback: what the callback prevents), and ``zero2-resume`` / ``zero3-bf16-resume``
-(the run in OUT_DIR/../zero2 or ../zero3-bf16 resumed from its step-2 checkpoint). Each rank
-writes OUT_DIR/rank{R}.json: non-zero pruned positions in the module's weights and in DeepSpeed's fp32 master
-copies, the pattern in every checkpoint folder, and a digest of the final weights.
+bf16 with fp32 master copies), ``zero2-unlocked`` (no SparsityLockCallback: what the callback prevents), and
+``zero2-resume`` / ``zero3-bf16-resume`` (the run in OUT_DIR/../zero2 or ../zero3-bf16 resumed from its step-2
+checkpoint). Each rank writes OUT_DIR/rank{R}.json: non-zero pruned positions in the module's weights and in
+DeepSpeed's fp32 master copies, the pattern in every checkpoint folder, and a digest of the final weights.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ def main(mode: str, out: Path) -> None:
     args = TrainingArguments(
         output_dir=str(out / "run"), max_steps=STEPS, per_device_train_batch_size=4, gradient_accumulation_steps=2,
         learning_rate=1e-3, weight_decay=0.01, max_grad_norm=1.0, bf16=bf16, deepspeed=deepspeed_config,
-        use_cpu=True, report_to="none", seed=0, save_strategy="steps", save_steps=2, logging_strategy="no", disable_tqdm=True,
+        use_cpu=True, report_to="none", seed=0, save_strategy="steps", save_steps=2, logging_strategy="no",
+        disable_tqdm=True,
     )
     model = BertForSequenceClassification.from_pretrained(folder)
     before = {}
@@ -61,7 +62,8 @@ def main(mode: str, out: Path) -> None:
     result = pruned_nonzero(trainer.model_wrapped, store, before)
     checkpoints = sorted((out / "run").glob("checkpoint-*"))
     same_pattern = bool(checkpoints) and all(
-        (c / MASKS_FILE).is_file() and all(torch.equal(MaskStore.load(c / MASKS_FILE)[n], store[n]) for n in store.names())
+        (c / MASKS_FILE).is_file()
+        and all(torch.equal(MaskStore.load(c / MASKS_FILE)[n], store[n]) for n in store.names())
         for c in checkpoints)
     result.update(pruned=int(sum((~store[n]).sum() for n in store.names())), checkpoint_pattern=same_pattern)
     (out / f"rank{rank}.json").write_text(json.dumps(result))

@@ -1,5 +1,6 @@
 """The Trainer adapter under DeepSpeed: a user's own `transformers.Trainer` with `SparsityLockCallback`, 2 CPU
-processes (torchrun, gloo), ZeRO-2 in fp32 and ZeRO-3 in bf16, gradient accumulation, a checkpoint mid-run and a resume from it.
+processes (torchrun, gloo), ZeRO-2 in fp32 and ZeRO-3 in bf16, gradient accumulation, a checkpoint mid-run and a
+resume from it.
 
 DeepSpeed keeps fp32 master copies that its optimizer updates and copies back over the module's weights, so a lock
 that only looked at the module would be undone at the next step; the worker reads those master copies back. Without

@@ -52,13 +52,15 @@ def rows(n: int = 32, length: int = 12) -> list[dict]:
             for i in range(n)]
 
 
-def train(folder: Path, out: Path, callbacks: list, **arguments) -> BertForSequenceClassification:
+def train(folder: Path, out: Path, callbacks: list, resume: Path | None = None,
+          **arguments) -> BertForSequenceClassification:
     model = BertForSequenceClassification.from_pretrained(folder)
     args = TrainingArguments(output_dir=str(out), max_steps=STEPS, per_device_train_batch_size=4, learning_rate=1e-3,
                              weight_decay=0.01, max_grad_norm=1.0, use_cpu=True, report_to="none", seed=0,
                              save_strategy="steps", save_steps=2, logging_strategy="no", disable_tqdm=True,
                              **arguments)
-    Trainer(model=model, args=args, train_dataset=rows(), callbacks=callbacks).train()
+    Trainer(model=model, args=args, train_dataset=rows(), callbacks=callbacks).train(
+        resume_from_checkpoint=str(resume) if resume else None)
     return model
 
 
@@ -98,6 +100,18 @@ def test_the_callback_keeps_the_pattern_bit_for_bit(tmp_path, arguments):
     assert pattern_kept(BertForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-4"), store)
     final = lock.save_masks(tmp_path / "final")
     assert final == tmp_path / "final" / MASKS_FILE and MaskStore.load(final).names() == store.names()
+
+
+def test_a_resumed_run_keeps_the_pattern(tmp_path):
+    """Resuming reloads the checkpoint's weights and Adam moments; the lock takes over from there, bit for bit."""
+    store = save_sparse_classifier(tmp_path / "sparse")
+    train(tmp_path / "sparse", tmp_path / "out", [SparsityLockCallback()])
+    model = train(tmp_path / "sparse", tmp_path / "out", [SparsityLockCallback()],
+                  resume=tmp_path / "out" / "checkpoint-2")
+    assert pattern_kept(model, store)
+    name = store.names()[0]
+    start = dict(BertForSequenceClassification.from_pretrained(tmp_path / "sparse").named_parameters())[name]
+    assert not torch.equal(dict(model.named_parameters())[name], start)
 
 
 def test_without_a_mask_file_the_zeros_are_the_pattern(tmp_path):
