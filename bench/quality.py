@@ -755,6 +755,27 @@ def accuracy_groups(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float,
     return groups
 
 
+def retention_groups(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float, str], list[float]]:
+    """(arm, sparsity, task) -> accuracy / the same seed's dense accuracy, one value per seed (paired: seeds without
+    a dense run are left out, so arms run with fewer seeds compare with their own seeds' dense runs); the pofa arm at
+    its main budget only."""
+    dense = {(r["task"], r["seed"]): r["accuracy"] for r in records if r["kind"] == "finetune" and r["arm"] == "dense"}
+    groups: dict[tuple[str, float, str], list[float]] = defaultdict(list)
+    for r in records:
+        base = dense.get((r.get("task"), r.get("seed")))
+        if r["kind"] == "finetune" and at_main_budget(r) and base:
+            groups[(r["arm"], round(r["sparsity"], 4), r["task"])].append(r["accuracy"] / base)
+    return groups
+
+
+def percent_cell(values: Sequence[float]) -> str:
+    """`mean% ± std` of ratios, or `mean%` for one value; `-` for none."""
+    if not values:
+        return "-"
+    m, s = mean_std(values)
+    return f"{100 * m:.1f}%" + (f" ± {100 * s:.1f}" if s is not None else "")
+
+
 def retention_by_budget(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[int, list[float]]]:
     """(task, sparsity) -> pruning budget in student steps (0: one-shot, no upstream training) -> retention of
     dense accuracy per seed (the seed's own dense run)."""
@@ -896,8 +917,7 @@ def decomposition_lines(mode_name: str, records: Sequence[dict[str, Any]], plots
     if not any(r["kind"] == "finetune" and r["arm"] in DECOMPOSITIONS for r in records):
         return []
     tasks = sorted({r["task"] for r in records if r["kind"] == "finetune"})
-    groups = accuracy_groups(records)
-    dense_mean = {t: mean_std(groups[("dense", 0.0, t)])[0] for t in tasks if groups.get(("dense", 0.0, t))}
+    groups, retention = accuracy_groups(records), retention_groups(records)
     mains = {r["selection"]["budgets"][0] for r in records}  # the main student budget of each run
     mlm = {(r["arm"], round(r["sparsity"], 4)): r["mlm_loss"] for r in records if r["kind"] == "upstream"
            and (r["arm"] not in ("pofa", *STUDENT_VARIANTS) or r["budget_steps"] in mains)}
@@ -927,9 +947,8 @@ def decomposition_lines(mode_name: str, records: Sequence[dict[str, Any]], plots
         row = [arm, what, f"{r['parameters'] / 1e6:.2f} M", f"{r['nonzero_parameters'] / 1e6:.2f} M", ratio,
                f"{r['bytes'] / 1e6:.1f} MB", f"{loss:.3f}" if loss is not None else "-"]
         for t in tasks:
-            values = groups.get((arm, sparsity, t), [])
-            row.append(cell(values))
-            row.append(f"{100 * mean_std(values)[0] / dense_mean[t]:.1f}%" if values and dense_mean.get(t) else "-")
+            row.append(cell(groups.get((arm, sparsity, t), [])))
+            row.append(percent_cell(retention.get((arm, sparsity, t), [])))
         lines.append("| " + " | ".join(row) + " |")
     figure = plots / f"{mode_name}-accuracy-vs-size.png"
     plot_size(records, figure)
@@ -970,18 +989,17 @@ def mode_section(mode_name: str, records: list[dict[str, Any]], plots: Path, pag
                  f"(torch {records[-1]['torch']}, {records[-1]['threads']} threads)."
                  + (" One seed: no spread, and differences of a point or two are within seed noise."
                     if len(seeds) == 1 else ""))
-    lines += ["", "### Test accuracy (mean ± std over seeds (n); retention = mean / dense mean)", ""]
+    lines += ["", "### Test accuracy (mean ± std over seeds (n)); retention: accuracy / the same seed's dense "
+                  "accuracy, mean ± std over seeds", ""]
     lines.append("| arm | sparsity | " + " | ".join(f"{t} | {t} retention" for t in tasks) + " |")
     lines.append("|---|---|" + "---|---|" * len(tasks))
-    dense_mean = {t: mean_std(groups[("dense", 0.0, t)])[0] for t in tasks if groups.get(("dense", 0.0, t))}
+    retention = retention_groups(records)
     for arm in PRUNING_ARMS:
         for sparsity in sorted({s for a, s, _ in groups if a == arm}):
             row = [arm, f"{sparsity:.0%}"]
             for t in tasks:
-                values = groups.get((arm, sparsity, t), [])
-                row.append(cell(values))
-                row.append(f"{100 * mean_std(values)[0] / dense_mean[t]:.1f}%" if values and dense_mean.get(t)
-                           else "-")
+                row.append(cell(groups.get((arm, sparsity, t), [])))
+                row.append(percent_cell(retention.get((arm, sparsity, t), [])))
             lines.append("| " + " | ".join(row) + " |")
     exact = [r for r in ft if r["arm"] in SPARSE_ARMS]
     if exact:

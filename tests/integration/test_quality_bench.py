@@ -40,6 +40,26 @@ def test_stage_counts_of_a_selection():
         ("full-x0.25", q.FULL.teacher_steps, 30, 31)
 
 
+def test_retention_pairs_each_seed_with_its_own_dense_run():
+    q = load_script()
+    selection = {"budgets": [120]}
+
+    def record(arm, seed, accuracy, task="snli"):
+        return {"kind": "finetune", "arm": arm, "task": task, "sparsity": 0.0 if arm == "dense" else 0.9,
+                "seed": seed, "accuracy": accuracy, "budget_steps": 120, "selection": selection}
+
+    records = [record("dense", 1, 0.80), record("dense", 2, 0.60), record("dense", 3, 0.70),
+               record("pofa", 1, 0.72), record("oneshot", 1, 0.40), record("oneshot", 2, 0.30),
+               record("oneshot", 4, 0.9),  # no dense run of seed 4: left out, not compared with another seed's
+               record("pofa", 1, 0.5, task="movie_reviews")]  # no dense run on that task
+    groups = q.retention_groups(records)
+    assert groups[("pofa", 0.9, "snli")] == [pytest.approx(0.9)]  # 0.72 / 0.80, not / the mean of three dense runs
+    assert groups[("oneshot", 0.9, "snli")] == [pytest.approx(0.5), pytest.approx(0.5)]
+    assert ("pofa", 0.9, "movie_reviews") not in groups
+    assert q.percent_cell(groups[("oneshot", 0.9, "snli")]) == "50.0% ± 0.0"
+    assert q.percent_cell(groups[("pofa", 0.9, "snli")]) == "90.0%" and q.percent_cell([]) == "-"
+
+
 def test_every_pruning_ramp_ends_on_a_pruning_event():
     """Events come at start + k x frequency only: a ramp whose end falls between two never reaches the target."""
     q = load_script()
