@@ -755,11 +755,16 @@ def accuracy_groups(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float,
     return groups
 
 
+def dense_accuracy_by_seed(records: Sequence[dict[str, Any]]) -> dict[tuple[str, int], float]:
+    """(task, seed) -> the dense arm's test accuracy: what each seed's retention is measured against."""
+    return {(r["task"], r["seed"]): r["accuracy"] for r in records if r["kind"] == "finetune" and r["arm"] == "dense"}
+
+
 def retention_groups(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float, str], list[float]]:
     """(arm, sparsity, task) -> accuracy / the same seed's dense accuracy, one value per seed (paired: seeds without
     a dense run are left out, so arms run with fewer seeds compare with their own seeds' dense runs); the pofa arm at
     its main budget only."""
-    dense = {(r["task"], r["seed"]): r["accuracy"] for r in records if r["kind"] == "finetune" and r["arm"] == "dense"}
+    dense = dense_accuracy_by_seed(records)
     groups: dict[tuple[str, float, str], list[float]] = defaultdict(list)
     for r in records:
         base = dense.get((r.get("task"), r.get("seed")))
@@ -779,7 +784,7 @@ def percent_cell(values: Sequence[float]) -> str:
 def retention_by_budget(records: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[int, list[float]]]:
     """(task, sparsity) -> pruning budget in student steps (0: one-shot, no upstream training) -> retention of
     dense accuracy per seed (the seed's own dense run)."""
-    dense = {(r["task"], r["seed"]): r["accuracy"] for r in records if r["kind"] == "finetune" and r["arm"] == "dense"}
+    dense = dense_accuracy_by_seed(records)
     out: dict[tuple[str, float], dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
         if r["kind"] == "finetune" and r["arm"] in ("pofa", "oneshot") and (r["task"], r["seed"]) in dense:

@@ -107,13 +107,19 @@ def _make_post_accumulate_hook(mask_of: Callable[[], Tensor]) -> Callable[[Tenso
     return hook
 
 
+def _optimizer_chain(optimizer: Any) -> list[Any]:
+    """``optimizer`` and what it wraps, outermost first (accelerate's and DeepSpeed's wrappers each hold the next in
+    ``.optimizer``); a wrapper that points back to one already seen ends the chain."""
+    chain: list[Any] = []
+    while optimizer is not None and all(optimizer is not seen for seen in chain):
+        chain.append(optimizer)
+        optimizer = getattr(optimizer, "optimizer", None)
+    return chain
+
+
 def _innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer owning ``.state`` under accelerate / DeepSpeed wrappers (each wraps the next in ``.optimizer``)."""
-    seen = set()
-    while getattr(optimizer, "optimizer", None) is not None and id(optimizer) not in seen:
-        seen.add(id(optimizer))
-        optimizer = optimizer.optimizer
-    return optimizer
+    """The optimizer owning ``.state`` under accelerate / DeepSpeed wrappers."""
+    return _optimizer_chain(optimizer)[-1] if optimizer is not None else None
 
 
 def _deepspeed_state_keys(zero_optimizer: Any) -> list[str]:
@@ -124,13 +130,9 @@ def _deepspeed_state_keys(zero_optimizer: Any) -> list[str]:
         for key, value in state.items():
             if torch.is_tensor(value) and torch.is_tensor(flat_param) and value.shape == flat_param.shape:
                 keys.add(key)
-    # ZeRO-1/2 link per-parameter views of the state lazily, at the first step; make sure they exist. Loading a
-    # checkpoint re-creates the parameter mappings without those views, while DeepSpeed still counts them as linked
-    # if the process had stepped before: always link afresh (cheap: views only).
+    # ZeRO-1/2 link per-parameter views of the state lazily, at the first step; make sure they exist.
     link = getattr(zero_optimizer, "_lazy_init_hp_params_optimizer_state", None)
     if keys and callable(link):
-        if hasattr(zero_optimizer, "_hp_optimizer_states_linked"):
-            zero_optimizer._hp_optimizer_states_linked = False
         link()
     return sorted(keys)
 
@@ -205,14 +207,9 @@ class MaskGuard:
         The torch optimizer inside would not do: the per-parameter views of its state are linked by the ZeRO one."""
         engine_optimizer = getattr(self._model, "optimizer", None)
         outer = engine_optimizer if engine_optimizer is not None else optimizer
-        seen: set[int] = set()
-        candidate = outer
-        while candidate is not None and id(candidate) not in seen:
-            if callable(getattr(candidate, "_lazy_init_hp_params_optimizer_state", None)):
-                return candidate
-            seen.add(id(candidate))
-            candidate = getattr(candidate, "optimizer", None)
-        return outer  # ZeRO-3's optimizer needs no linking
+        linking = [o for o in _optimizer_chain(outer)
+                   if callable(getattr(o, "_lazy_init_hp_params_optimizer_state", None))]
+        return linking[0] if linking else outer  # ZeRO-3's optimizer needs no linking
 
     # --- public API ---------------------------------------------------------------------------------------------
     def mask_gradients_(self) -> None:
@@ -333,7 +330,7 @@ class MaskGuard:
             if self._uses_deepspeed():
                 self._enforce_deepspeed(self._zero_optimizer(optimizer), newly_pruned)
                 return
-            optimizer = _innermost_optimizer(optimizer) if optimizer is not None else None
+            optimizer = _innermost_optimizer(optimizer)
             for name in sorted(self._params):
                 param = self._params[name]
                 keep = self._local_mask(name)
