@@ -95,6 +95,10 @@ class ModelFamily:
     """Regex of the pre-trained pooler's weight (pruned with ``pruning.pooler``); None: the family has no pooler."""
     embeddings: str = r"(^|\.)embeddings\."
     """Regex of the embedding tables that QAT may fake-quantize (``quantization.quantize_embeddings``)."""
+    feed_forward_activation: tuple[str, str] | None = ("intermediate.dense", "intermediate.intermediate_act_fn")
+    """(Linear, activation module), by name inside a block, where the model applies the activation to that Linear's
+    output and to nothing else: the sparse int8 runtime computes the activation in the Linear's kernel call (GELU)
+    and drops the module. None: the family has no such pair (a gated feed-forward)."""
     notes: str = ""
     """What differs from BERT, for the reader of the family table."""
 
@@ -119,7 +123,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
                 input_names=_WITHOUT_SEGMENTS, notes="one segment type: its tokenizers give no token_type_ids"),
     ModelFamily("DistilBERT", ("distilbert",), r"(^|\.)transformer\.layer\.\d+\.",
                 _modules("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
-                input_names=_WITHOUT_SEGMENTS, pooler=None,
+                input_names=_WITHOUT_SEGMENTS, pooler=None, feed_forward_activation=("ffn.lin1", "ffn.activation"),
                 notes="attention q_lin/k_lin/v_lin/out_lin, feed-forward lin1/lin2; no segments, no pooler"),
     ModelFamily("ELECTRA", ("electra",), _BERT_BLOCKS, _modules("generator_predictions", "generator_lm_head"),
                 pooler=None, notes="embeddings_project (embedding size to hidden size) is not in a block: dense"),
@@ -128,7 +132,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
                       "the relative-position embeddings are not in a block: dense; the pooler belongs to the task "
                       "head, not the pre-trained model"),
     ModelFamily("ModernBERT", ("modernbert",), r"(^|\.)layers\.\d+\.", _modules("head", "decoder"),
-                input_names=_WITHOUT_SEGMENTS, pooler=None,
+                input_names=_WITHOUT_SEGMENTS, pooler=None, feed_forward_activation=None,
                 notes="fused attention Wqkv (one target, pruned as one matrix) and gated Wi; no segments, no pooler"),
     ModelFamily("MPNet", ("mpnet",), _BERT_BLOCKS, _modules("lm_head"), input_names=_WITHOUT_SEGMENTS,
                 notes="attention q/k/v/o; the relative attention bias is not in a block: dense; no segments"),

@@ -7,13 +7,14 @@ Usage::
     logits = model(**batch).logits                              # called as the transformers model
     rows = benchmark_latency(float_model, qat_model=qat_model)  # six variants, alternated, as ratios
 
-Two sparse paths, each a module swapped for the encoder Linears; attention, LayerNorm, GELU, embeddings and heads
-stay the transformers model's torch code:
+Two sparse paths, each a module swapped for the encoder Linears; attention, LayerNorm, embeddings and heads stay
+the transformers model's torch code:
 
 - sparse int8 (:mod:`pofa.runtime.int8`, C kernel in ``sparse_int8.c`` compiled on first use by
   :mod:`pofa.runtime.native`): a QAT model's Linears with its own static activation quantization fused into the
   kernel, int8 non-zeros in groups of 4 input features, exact int32 accumulation (AVX-512 VNNI, AVX2, or
-  portable C), dequantization and bias fused on output. Needs a C compiler.
+  portable C), dequantization, bias and the feed-forward GELU fused on output; attention's query, key and value
+  in one call. Needs a C compiler.
 - sparse fp32 (:mod:`pofa.runtime.csr`): CSR x dense, torch's ``sparse.addmm`` or our numba kernel.
 
 :func:`benchmark_latency` (:mod:`pofa.runtime.bench`) times them with dense torch and onnxruntime in one process.

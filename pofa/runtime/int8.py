@@ -12,15 +12,20 @@ Each :class:`~pofa.quant.qat.FakeQuantLinear` becomes a :class:`SparseInt8Linear
 model's observer learned; uint8, per tensor), multiplied by the int8 weight's non-zeros with exact int32
 accumulation, and dequantized with the per-channel weight scales, bias added, in one call. The QAT model computes
 the same quantized values in float (fake-quant), so the two differ by float rounding only; the tests check the
-logits and the argmax on real rows. Everything else (embeddings, attention, LayerNorm, GELU, heads) is the
-transformers model's own torch code. Inference only.
+logits and the argmax on real rows. Two fusions (``sparse_int8_(..., fuse=True)``, the default) save passes over
+the activations: attention's query, key and value, which quantize the same input alike, run as one call
+(:class:`SharedInputLinears`), and the feed-forward GELU runs in its Linear's call. Everything else (embeddings,
+attention, LayerNorm, heads) is the transformers model's own torch code. Inference only.
 """
 
 from __future__ import annotations
 
+import ctypes
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pofa.quant.qat import (
@@ -31,7 +36,7 @@ from pofa.quant.qat import (
     qat_modules,
     quantize_weight,
 )
-from pofa.runtime.native import SparseInt8Kernel, sparse_int8_kernel
+from pofa.runtime.native import LinearParams, SparseInt8Kernel, sparse_int8_kernel
 
 __all__ = ["PackedSparseInt8", "pack_sparse_int8", "SparseInt8Linear", "sparse_int8_", "without_fake_quant_"]
 
@@ -95,47 +100,168 @@ def pack_sparse_int8(
     )
 
 
-class SparseInt8Linear(nn.Module):
-    """``y = x W^T + b`` as the QAT model computes it (static uint8 activation, int8 weight), sparse, on CPU."""
+def concat_packed(parts: list[PackedSparseInt8]) -> PackedSparseInt8:
+    """The rows of ``parts`` stacked into one packed weight (same input width and activation quantization), as the
+    packing of their concatenated int8 weights would be: the kernel then computes all of them in one call.
 
-    def __init__(self, packed: PackedSparseInt8, kernel: SparseInt8Kernel | None = None) -> None:
+    Raises if the parts read different input widths or quantize their input differently.
+    """
+    first = parts[0]
+    for part in parts[1:]:
+        if part.in_features != first.in_features or part.activation != first.activation:
+            raise ValueError("concat_packed: the parts must read the same input width and activation quantization, "
+                             f"got {part.in_features} / {part.activation} and {first.in_features} / {first.activation}")
+    offsets = torch.tensor([0] + [int(part.row_ptr[-1]) for part in parts]).cumsum(0)
+    return PackedSparseInt8(
+        row_ptr=torch.cat([first.row_ptr[:1]] + [part.row_ptr[1:] + offsets[i] for i, part in enumerate(parts)]),
+        group=torch.cat([part.group for part in parts]), word=torch.cat([part.word for part in parts]),
+        out_scale=torch.cat([part.out_scale for part in parts]), out_offset=torch.cat([part.out_offset for part in parts]),
+        bias=torch.cat([part.bias for part in parts]), in_features=first.in_features, activation=first.activation,
+    )
+
+
+ACTIVATIONS = {None: 0, "gelu": 1}
+"""Activations the kernel can apply on its output (``gelu``: the erf form, as ``torch.nn.functional.gelu``)."""
+
+
+class SparseInt8Linear(nn.Module):
+    """``y = x W^T + b`` as the QAT model computes it (static uint8 activation, int8 weight), sparse, on CPU.
+
+    ``rows`` selects this Linear's rows of ``packed`` when several Linears share one packed matrix
+    (:class:`SharedInputLinears`); ``activation`` (``"gelu"``) is applied to the output in the same call.
+    """
+
+    def __init__(self, packed: PackedSparseInt8, kernel: SparseInt8Kernel | None = None, *,
+                 rows: tuple[int, int] | None = None, activation: str | None = None) -> None:
         super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"SparseInt8Linear: activation {activation!r} is not one the kernel applies "
+                             f"(choose from {sorted(a for a in ACTIVATIONS if a)} or None)")
         self.packed = packed
+        self.rows = rows or (0, packed.row_ptr.numel() - 1)
+        self.activation = activation
         self.in_features = packed.in_features
-        self.out_features = packed.row_ptr.numel() - 1
+        self.out_features = self.rows[1] - self.rows[0]
         self.kernel = kernel or sparse_int8_kernel()
+        self.shared: SharedInputLinears | None = None
+        self._params = _KernelParams(rows=self.rows, activation=activation)
 
     @classmethod
     def from_qat(cls, module: FakeQuantLinear, kernel: SparseInt8Kernel | None = None) -> SparseInt8Linear:
         """The int8 form of a trained fake-quant Linear: its current weight scales and activation observer."""
-        if not module.initialized:
-            raise ValueError("SparseInt8Linear.from_qat: the activation observer has seen no data; run QAT first")
-        c = module.config
-        scale = module.weight_scale()
-        a_scale, a_zero = module.activation_qparams()
-        q = quantize_weight(module.weight, scale, c.weight_bits)
-        return cls(pack_sparse_int8(q, scale, ActivationQuant(a_scale, a_zero, c.activation_bits), module.bias), kernel)
+        return cls(pack_qat(module), kernel)
 
     def forward(self, x: Tensor) -> Tensor:
-        p = self.packed
-        lead = x.shape[:-1]
-        x2 = x.detach().reshape(-1, self.in_features).to(device="cpu", dtype=torch.float32).contiguous()
-        y = torch.empty(x2.shape[0], self.out_features)
-        a = p.activation
-        status = self.kernel.linear(
-            x2.data_ptr(), x2.shape[0], self.in_features, a.scale, float(a.zero_point), float(2**a.bits - 1),
-            p.row_ptr.data_ptr(), p.group.data_ptr(), p.word.data_ptr(), self.out_features,
-            p.out_scale.data_ptr(), p.out_offset.data_ptr(), p.bias.data_ptr(), y.data_ptr(),
-        )
-        if status != 0:
-            raise MemoryError(f"SparseInt8Linear: the kernel could not allocate its activation buffer ({tuple(x.shape)})")
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+        if self.shared is not None:
+            return self.shared(self, x)
+        return run_sparse_int8(self.kernel, self._params.of(self.packed), x, self.in_features, self.out_features)
+
+    @property
+    def groups(self) -> int:
+        """How many 4-feature groups of this Linear's rows the kernel multiplies (those holding a non-zero)."""
+        r0, r1 = self.rows
+        return int(self.packed.row_ptr[r1] - self.packed.row_ptr[r0])
 
     def extra_repr(self) -> str:
-        groups = self.packed.group.numel()
+        groups = self.groups
         total = self.out_features * ((self.in_features + 3) // 4)
+        fused = f", activation={self.activation}" if self.activation else ""
+        shared = f", shares its input with {len(self.shared.members) - 1} more" if self.shared is not None else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, groups_kept={groups / total:.3f}, "
-                f"isa={self.kernel.isa}")
+                f"isa={self.kernel.isa}{fused}{shared}")
+
+
+def pack_qat(module: FakeQuantLinear) -> PackedSparseInt8:
+    """A trained fake-quant Linear packed for the kernel: its current weight scales and activation observer."""
+    if not module.initialized:
+        raise ValueError("SparseInt8Linear.from_qat: the activation observer has seen no data; run QAT first")
+    c = module.config
+    scale = module.weight_scale()
+    a_scale, a_zero = module.activation_qparams()
+    q = quantize_weight(module.weight, scale, c.weight_bits)
+    return pack_sparse_int8(q, scale, ActivationQuant(a_scale, a_zero, c.activation_bits), module.bias)
+
+
+class _KernelParams:
+    """The C struct of rows ``[r0, r1)`` of a packed weight, built once: it holds raw pointers into the packed
+    tensors, so it is rebuilt whenever they are not the tensors it was built from (a deep copy of the model)."""
+
+    def __init__(self, rows: tuple[int, int], activation: str | None) -> None:
+        self.rows, self.activation = rows, activation
+        self._struct: LinearParams | None = None
+        self._tensors: tuple[Tensor, ...] = ()
+
+    def of(self, packed: PackedSparseInt8) -> LinearParams:
+        tensors = (packed.row_ptr, packed.group, packed.word, packed.out_scale, packed.out_offset, packed.bias)
+        if self._struct is None or any(a is not b for a, b in zip(tensors, self._tensors)):
+            (r0, r1), a = self.rows, packed.activation
+            self._struct = LinearParams(
+                row_ptr=packed.row_ptr.data_ptr() + 8 * r0, group=packed.group.data_ptr(),
+                word=packed.word.data_ptr(), out_scale=packed.out_scale.data_ptr() + 4 * r0,
+                out_offset=packed.out_offset.data_ptr() + 4 * r0, bias=packed.bias.data_ptr() + 4 * r0,
+                rows=r1 - r0, in_features=packed.in_features, scale=a.scale, zero_point=float(a.zero_point),
+                qmax=float(2**a.bits - 1), activation=ACTIVATIONS[self.activation],
+            )
+            self._tensors = tensors
+        return self._struct
+
+    def __reduce__(self) -> tuple:
+        return _KernelParams, (self.rows, self.activation)  # copies and pickles leave the pointers behind
+
+
+def run_sparse_int8(kernel: SparseInt8Kernel, params: LinearParams, x: Tensor, in_features: int,
+                    out_features: int) -> Tensor:
+    """One kernel call: ``x [..., in_features]`` (any float dtype or device) -> ``[..., out_features]``, x's dtype."""
+    lead = x.shape[:-1]
+    x2 = x.detach().reshape(-1, in_features)
+    if x2.dtype != torch.float32 or x2.device.type != "cpu" or not x2.is_contiguous():
+        x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+    y = torch.empty(x2.shape[0], out_features)
+    if kernel.linear(x2.data_ptr(), x2.shape[0], ctypes.byref(params), y.data_ptr()) != 0:
+        raise MemoryError(f"SparseInt8Linear: the kernel could not allocate its activation buffer ({tuple(x.shape)})")
+    y = y.reshape(*lead, out_features)
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+class SharedInputLinears:
+    """Linears that read the same tensor and quantize it alike (attention's query, key and value: their observers
+    saw the same inputs), computed by one kernel call on their stacked rows: the input is quantized once and the
+    call's fixed cost paid once.
+
+    The first member called with a tensor computes every member's output and keeps the others' until they are
+    called with that same tensor object (unchanged since: its version counter, outside inference mode); a member
+    called with anything else computes its own rows alone, so the result never depends on the call order.
+    """
+
+    def __init__(self, members: list[SparseInt8Linear]) -> None:
+        self.members = members
+        self.rows = (members[0].rows[0], members[-1].rows[1])
+        self._params = _KernelParams(self.rows, None)
+        # (input, its version, outputs not handed out yet by member position): one attribute, read once per call,
+        # so that a call from another thread replacing it cannot pair one input with another's outputs
+        self._pending: tuple[Tensor | None, int, dict[int, Tensor]] = (None, 0, {})
+
+    def __call__(self, member: SparseInt8Linear, x: Tensor) -> Tensor:
+        position = next(i for i, m in enumerate(self.members) if m is member)
+        last_input, version, outputs = self._pending
+        if x is last_input and version == _version(x):
+            out = outputs.pop(position, None)
+            if out is not None:
+                if not outputs:
+                    self._pending = (None, 0, {})  # every output handed out: hold no tensor until the next call
+                return out
+        first = self.members[0]
+        y = run_sparse_int8(first.kernel, self._params.of(first.packed), x, first.in_features,
+                            self.rows[1] - self.rows[0])
+        outputs = {i: y[..., m.rows[0] - self.rows[0]:m.rows[1] - self.rows[0]] for i, m in enumerate(self.members)}
+        out = outputs.pop(position)
+        self._pending = (x, _version(x), outputs)
+        return out
+
+
+def _version(x: Tensor) -> int:
+    # inference tensors keep no version counter
+    return -1 if x.is_inference() else x._version
 
 
 def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
@@ -143,11 +269,15 @@ def _set_submodule(model: nn.Module, fqn: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
-def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None) -> nn.Module:
+def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None, *, fuse: bool = True) -> nn.Module:
     """Turn a trained QAT model (:func:`pofa.quant.prepare_qat_`) into its sparse int8 runtime in place; return it.
 
     Every fake-quant Linear becomes a :class:`SparseInt8Linear`; a fake-quant embedding table becomes a plain
     ``nn.Embedding`` holding its quantized values (computed once, not at every call). The model is put in eval mode.
+    ``fuse`` (default): Linears of one module that quantize their input alike (attention's query, key and value)
+    run as one :class:`SharedInputLinears`, and the feed-forward GELU of the model's family
+    (:attr:`pofa.families.ModelFamily.feed_forward_activation`, erf GELU only) is computed in its Linear's call,
+    the activation module replaced by ``nn.Identity``. Both compute what the unfused modules compute.
     Raises if the model has no fake-quant Linear or an observer has seen no data.
     """
     modules = qat_modules(model)
@@ -155,16 +285,74 @@ def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None) -> nn
         raise ValueError("sparse_int8_: the model has no fake-quant Linear; prepare it with pofa.quant.prepare_qat_ "
                          "and run QAT (or load a QAT folder with pofa.runtime.load_sparse_model)")
     kernel = kernel or sparse_int8_kernel()
+    packs = {fqn: pack_qat(m) for fqn, m in modules.items() if isinstance(m, FakeQuantLinear)}
+    activations = _fusable_activations(model, packs) if fuse else {}
+    for group in (_shared_input_groups(packs, activations) if fuse else []):
+        packed, start, members = concat_packed([packs.pop(fqn) for fqn in group]), 0, []
+        for fqn in group:
+            rows = modules[fqn].out_features
+            members.append(SparseInt8Linear(packed, kernel, rows=(start, start + rows)))
+            _set_submodule(model, fqn, members[-1])
+            start += rows
+        shared = SharedInputLinears(members)
+        for member in members:
+            member.shared = shared
+    for fqn, packed in packs.items():
+        activation = activations.get(fqn)
+        _set_submodule(model, fqn, SparseInt8Linear(packed, kernel, activation=activation and activation[1]))
+        if activation:
+            _set_submodule(model, activation[0], nn.Identity())
     for fqn, module in modules.items():
-        if isinstance(module, FakeQuantLinear):
-            _set_submodule(model, fqn, SparseInt8Linear.from_qat(module, kernel))
-        elif isinstance(module, FakeQuantEmbedding):
+        if isinstance(module, FakeQuantEmbedding):
             table = fake_quantize_weight(module.weight.detach(), module.weight_scale(), module.config.weight_bits)
             plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
                                  _weight=table.contiguous(), _freeze=True)
             _set_submodule(model, fqn, plain)
     return model.eval()
 
+
+def _fusable_activations(model: nn.Module, linears: Iterable[str]) -> dict[str, tuple[str, str]]:
+    """Linear name -> (activation module name, kernel activation) for the family's feed-forward pairs whose
+    activation is the erf GELU; nothing for a model of no registered family."""
+    from transformers.activations import GELUActivation
+
+    from pofa.families import family_of, model_type_of
+
+    if model_type_of(model) is None:
+        return {}
+    try:
+        pair = family_of(model).feed_forward_activation
+    except ValueError:  # no registered family: no fusion, the modules run as they are
+        return {}
+    if pair is None:
+        return {}
+    linear_name, activation_name = pair
+    fused = {}
+    for fqn in linears:
+        if not fqn.endswith("." + linear_name):
+            continue
+        activation_fqn = fqn[: -len(linear_name)] + activation_name
+        try:
+            activation = model.get_submodule(activation_fqn)
+        except AttributeError:
+            continue
+        erf_gelu = (isinstance(activation, nn.GELU) and activation.approximate == "none") or (
+            isinstance(activation, GELUActivation) and activation.act in (F.gelu, activation._gelu_python))
+        if erf_gelu:
+            fused[fqn] = (activation_fqn, "gelu")
+    return fused
+
+
+def _shared_input_groups(packs: Mapping[str, PackedSparseInt8], activations: Mapping[str, object]) -> list[list[str]]:
+    """Names of the Linears to run as one call: siblings (same parent module) with the same input width and
+    activation quantization and no fused activation, in model order; groups of two or more."""
+    groups: dict[tuple, list[str]] = {}
+    for fqn, packed in packs.items():
+        if fqn not in activations:
+            a = packed.activation
+            key = (fqn.rpartition(".")[0], packed.in_features, a.scale, a.zero_point, a.bits)
+            groups.setdefault(key, []).append(fqn)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def without_fake_quant_(model: nn.Module) -> nn.Module:

@@ -23,11 +23,26 @@ from pathlib import Path
 
 import torch  # noqa: F401  (loaded first on purpose: the kernel then binds to torch's OpenMP runtime)
 
-__all__ = ["NativeKernelError", "SparseInt8Kernel", "sparse_int8_kernel", "compiler_available"]
+__all__ = ["NativeKernelError", "LinearParams", "SparseInt8Kernel", "sparse_int8_kernel", "compiler_available"]
 
 SOURCE = Path(__file__).with_name("sparse_int8.c")
-_ABI = 1
-_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11")
+_ABI = 2
+# -fno-trapping-math: no FP exception is ever unmasked here, and without it GCC does not if-convert (so does not
+# vectorize) the branch-free clamps of the GELU epilogue on the AVX2 and portable paths; results are unchanged.
+_FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-fno-trapping-math")
+
+
+class LinearParams(ctypes.Structure):
+    """Mirror of ``pofa_linear_t`` in the C source: one Linear's packed weights (pointers into tensors that the
+    owner keeps alive), its row count, input width, activation quantization and fused activation (0 none, 1 GELU)."""
+
+    _fields_ = [
+        ("row_ptr", ctypes.c_void_p), ("group", ctypes.c_void_p), ("word", ctypes.c_void_p),
+        ("out_scale", ctypes.c_void_p), ("out_offset", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+        ("rows", ctypes.c_int64), ("in_features", ctypes.c_int64),
+        ("scale", ctypes.c_float), ("zero_point", ctypes.c_float), ("qmax", ctypes.c_float),
+        ("activation", ctypes.c_int32),
+    ]
 
 
 class NativeKernelError(RuntimeError):
@@ -42,6 +57,13 @@ class SparseInt8Kernel:
     isa: str
     token_block: int
     path: Path
+    arch: str = "native"
+
+    def __deepcopy__(self, memo: dict) -> SparseInt8Kernel:
+        return self  # the library loaded in this process: shared, never copied
+
+    def __reduce__(self) -> tuple:
+        return sparse_int8_kernel, (self.arch,)  # a pickled model loads (or builds) the kernel where it is unpickled
 
 
 def _compiler() -> str | None:
@@ -120,7 +142,7 @@ def sparse_int8_kernel(arch: str = "native") -> SparseInt8Kernel:
         raise NativeKernelError(f"{path} is not the kernel this pofa expects (ABI); delete it to rebuild")
     lib.pofa_sparse_int8_isa.restype = ctypes.c_char_p
     linear = lib.pofa_sparse_int8_linear
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    linear.argtypes = [p, i64, i64, f32, f32, f32, p, p, p, i64, p, p, p, p]
+    linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(LinearParams), ctypes.c_void_p]
     linear.restype = ctypes.c_int
-    return SparseInt8Kernel(linear, lib.pofa_sparse_int8_isa().decode(), lib.pofa_sparse_int8_token_block(), path)
+    return SparseInt8Kernel(linear, lib.pofa_sparse_int8_isa().decode(), lib.pofa_sparse_int8_token_block(), path,
+                            arch)

@@ -12,7 +12,9 @@
  *    tokens is then exactly the u8 x s8 4-way dot product of VNNI (vpdpbusd, exact: no int16 saturation), with
  *    the weight word broadcast and the activations read contiguously; each weight word is loaded once per token
  *    block and the accumulators of a row's token block stay in registers.
- * 3. Dequantization and bias fused on the way out: y = (acc - zero_point * rowsum(W_q)) * (scale * w_scale) + b.
+ * 3. Dequantization and bias fused on the way out: y = (acc - zero_point * rowsum(W_q)) * (scale * w_scale) + b,
+ *    then optionally the activation that follows the Linear in the model (GELU, erf form), so that it costs no
+ *    extra pass over the output.
  *
  * Three code paths, chosen at compile time by what -march=native enables: AVX-512 VNNI (16 tokens per
  * instruction), AVX2 (vpmaddwd on zero-extended activations: two partial sums per token, added at the end), and
@@ -43,10 +45,102 @@
 #endif
 #define RB 16 /* output rows per task: 16 floats = one 64-byte line of y per token */
 #define GROUPS_PER_CHUNK 64 /* quantization work unit: 256 features of one token block */
+#define ACT_NONE 0
+#define ACT_GELU 1
 
-int pofa_sparse_int8_abi(void) { return 1; }
+/* exp(v) for v <= 0 in float32 arithmetic only (Cephes' expf: range reduction by ln 2 in two parts, degree-6
+ * polynomial, 2^n through the exponent bits), written so that the compiler vectorizes the loops that call it on
+ * every instruction set (no floorf or fmaxf, which it does not vectorize without -ffast-math); relative error
+ * ~1e-7. Below -87 the result is flushed towards 0 (no denormals). */
+static inline float exp_nonpositive(float v) {
+    v = v > -87.0f ? v : -87.0f;
+    /* n = v / ln 2 rounded to an integer (the magic constant 1.5 * 2^23 rounds in the FPU's mode) */
+    const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    float r = v - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = ((int32_t)n + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    return p * two_n;
+}
+
+/* GELU, erf form: x/2 (1 + erf(x / sqrt 2)), erf by Abramowitz & Stegun 7.1.26 (absolute error < 1.5e-7, the
+ * approximation torch's own vectorized erf uses); branch-free, so loops over it vectorize. */
+static inline float gelu_erf(float x) {
+    const float z = x * 0.70710678118654752f, a = z < 0.0f ? -z : z;
+    const float t = 1.0f / (1.0f + 0.3275911f * a);
+    const float poly = t * (0.254829592f + t * (-0.284496736f + t * (1.421413741f + t * (-1.453152027f + t * 1.061405429f))));
+    const float erf_a = 1.0f - poly * exp_nonpositive(-a * a);
+    return 0.5f * x * (1.0f + (z < 0.0f ? -erf_a : erf_a));
+}
+
+#if POFA_PATH != 3
+static void activate(float *y, int64_t n, int activation) {
+    if (activation == ACT_GELU)
+        for (int64_t i = 0; i < n; i++) y[i] = gelu_erf(y[i]);
+}
+#endif
+
+#if POFA_PATH == 3
+/* gelu_erf on 16 lanes, the same formulas (with fused multiply-adds). */
+static inline __m512 gelu_erf16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)), a = _mm512_abs_ps(z);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+    __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
+    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
+    poly = _mm512_mul_ps(poly, t);
+    /* exp(-a^2) */
+    const __m512 v = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a), _mm512_set1_ps(-87.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 e = _mm512_set1_ps(1.9875691500e-4f);
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
+    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
+    e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(e, r), r, r), one);
+    const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
+    e = _mm512_mul_ps(e, _mm512_castsi512_ps(two_n));
+    const __m512 erf_a = _mm512_fnmadd_ps(poly, e, one);
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u));
+    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_a), sign));
+    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
+}
+#endif
+
+int pofa_sparse_int8_abi(void) { return 2; }
 const char *pofa_sparse_int8_isa(void) { return POFA_ISA; }
 int pofa_sparse_int8_token_block(void) { return TB; }
+
+/* Everything one Linear's call needs besides its input and output, built once per module by the Python side
+ * (pofa/runtime/int8.py, ctypes mirror of this struct) so that a call converts three arguments, not fifteen. Rows
+ * may be a slice of a larger packed matrix: row_ptr then points at its first row (its values index group/word
+ * absolutely), and out_scale/out_offset/bias at the same row. */
+typedef struct {
+    const int64_t *row_ptr;
+    const int32_t *group;
+    const int32_t *word;
+    const float *out_scale;
+    const int32_t *out_offset;
+    const float *bias;
+    int64_t rows;
+    int64_t in_features;
+    float scale, zero_point, qmax;
+    int32_t activation;
+} pofa_linear_t;
 
 /* Quantize features [4 * g0, 4 * g1) of token block tb into xq. Padded tokens and features get the zero point;
  * padded features meet zero weights and padded tokens are never written out, so any value would do. */
@@ -56,30 +150,74 @@ static void quantize_chunk(const float *x, int64_t T, int64_t K, float scale, fl
     uint8_t *block = xq + tb * G * TB * 4;
     const uint8_t zp = (uint8_t)zero_point;
     const int64_t k0 = g0 * 4, k1 = g1 * 4 < K ? g1 * 4 : K;
-    uint8_t q[4 * GROUPS_PER_CHUNK];
-    for (int64_t j = 0; j < TB; j++) {
-        const int64_t t = tb * TB + j;
-        memset(q, zp, sizeof q);
-        if (t < T) {
-            const float *row = x + t * K + k0;
-            for (int64_t k = 0; k < k1 - k0; k++) { /* contiguous: vectorized by the compiler */
-                float v = rintf(row[k] / scale) + zero_point;
-                v = v > 0.0f ? v : 0.0f; /* also maps NaN to 0 */
-                v = v < qmax ? v : qmax;
-                q[k] = (uint8_t)(int32_t)v;
-            }
+    const int64_t jn = T - tb * TB < TB ? T - tb * TB : TB; /* real tokens in this block */
+    for (int64_t j = 0; j < jn; j++) {
+        const float *row = x + (tb * TB + j) * K;
+        int64_t k = k0;
+#if POFA_PATH == 3
+        /* 16 features (4 groups) per step: x / scale (float32 division, as the fake-quant), round half to even,
+         * + zero point, clamp (max first: NaN becomes 0), then 4 bytes to each of the 4 groups' rows. */
+        const __m512 vs = _mm512_set1_ps(scale), vz = _mm512_set1_ps(zero_point), vq = _mm512_set1_ps(qmax);
+        for (; k + 16 <= k1; k += 16) {
+            __m512 v = _mm512_div_ps(_mm512_loadu_ps(row + k), vs);
+            v = _mm512_add_ps(_mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), vz);
+            v = _mm512_min_ps(_mm512_max_ps(v, _mm512_setzero_ps()), vq);
+            const __m128i b = _mm512_cvtusepi32_epi8(_mm512_cvtps_epu32(v));
+            uint8_t *dst = block + ((k / 4) * TB + j) * 4;
+            *(int32_t *)(dst) = _mm_extract_epi32(b, 0);
+            *(int32_t *)(dst + TB * 4) = _mm_extract_epi32(b, 1);
+            *(int32_t *)(dst + 2 * TB * 4) = _mm_extract_epi32(b, 2);
+            *(int32_t *)(dst + 3 * TB * 4) = _mm_extract_epi32(b, 3);
         }
-        for (int64_t g = g0; g < g1; g++) memcpy(block + (g * TB + j) * 4, q + (g - g0) * 4, 4);
+#endif
+        uint8_t q[4 * GROUPS_PER_CHUNK];
+        memset(q, zp, sizeof q);
+        for (int64_t i = 0; i < k1 - k; i++) { /* contiguous: vectorized by the compiler */
+            float v = rintf(row[k + i] / scale) + zero_point;
+            v = v > 0.0f ? v : 0.0f; /* also maps NaN to 0 */
+            v = v < qmax ? v : qmax;
+            q[i] = (uint8_t)(int32_t)v;
+        }
+        for (int64_t g = k / 4; g < g1; g++) memcpy(block + (g * TB + j) * 4, q + 4 * g - k, 4);
     }
+    if (jn < TB)
+        for (int64_t g = g0; g < g1; g++) memset(block + (g * TB + jn) * 4, zp, (size_t)(TB - jn) * 4);
 }
 
+#if POFA_PATH == 3
+/* In-register transpose of a 16 x 16 int32 tile: r[i] lane j <-> r[j] lane i. */
+static inline void transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+        r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+        r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+    }
+    for (int h = 0; h < 2; h++)
+        for (int i = 0; i < 4; i++) {
+            t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+            t[8 * h + 4 + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+        }
+    for (int i = 0; i < 8; i++) {
+        r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+        r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+    }
+}
+#endif
+
 /* Rows [RB * rb, RB * rb + RB) x tokens of block tb. */
-static void row_block(const uint8_t *xq, int64_t G, int64_t T, int64_t R, const int64_t *row_ptr,
-                      const int32_t *group, const int32_t *word, const float *out_scale, const int32_t *out_offset,
-                      const float *bias, float *y, int64_t rb, int64_t tb) {
+static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear_t *L, float *y, int64_t rb,
+                      int64_t tb) {
     int32_t acc[RB][TB * PARTIAL] __attribute__((aligned(64)));
     const uint8_t *block = xq + tb * G * TB * 4;
-    const int64_t r0 = rb * RB, rn = R - r0 < RB ? R - r0 : RB;
+    const int64_t R = L->rows, r0 = rb * RB, rn = R - r0 < RB ? R - r0 : RB;
+    const int64_t *row_ptr = L->row_ptr;
+    const int32_t *group = L->group, *word = L->word;
     for (int64_t i = 0; i < rn; i++) {
         const int64_t r = r0 + i;
 #if POFA_PATH == 3
@@ -118,17 +256,24 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, int64_t R, const 
     }
     const int64_t t0 = tb * TB, tn = T - t0 < TB ? T - t0 : TB;
 #if POFA_PATH == 3
-    /* acc holds a token per lane, y a row per float: each token's RB sums are gathered (one column of acc) and
-     * written as one vector; the rows past rn are masked off (neither read nor written). */
+    /* acc holds a token per lane, y a row per float: each 16 x 16 tile is transposed in registers so that a token's
+     * RB outputs are one vector (dequantized, biased, activated, written with one store); the rows past rn are
+     * masked off (neither read nor written). */
     const __mmask16 m = (__mmask16)((1u << rn) - 1);
-    const __m512i column = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                              _mm512_set1_epi32(TB));
-    const __m512i offset = _mm512_maskz_loadu_epi32(m, out_offset + r0);
-    const __m512 scale = _mm512_maskz_loadu_ps(m, out_scale + r0), shift = _mm512_maskz_loadu_ps(m, bias + r0);
-    for (int64_t j = 0; j < tn; j++) {
-        const __m512i s = _mm512_mask_i32gather_epi32(offset, m, column, (const void *)&acc[0][j], 4);
-        const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(s, offset));
-        _mm512_mask_storeu_ps(y + (t0 + j) * R + r0, m, _mm512_fmadd_ps(v, scale, shift));
+    const __m512i offset = _mm512_maskz_loadu_epi32(m, L->out_offset + r0);
+    const __m512 scale = _mm512_maskz_loadu_ps(m, L->out_scale + r0), shift = _mm512_maskz_loadu_ps(m, L->bias + r0);
+    for (int64_t c = 0; c * 16 < tn; c++) {
+        __m512i tile[16];
+        for (int i = 0; i < 16; i++)
+            tile[i] = i < rn ? _mm512_load_si512((const void *)(acc[i] + c * 16)) : _mm512_setzero_si512();
+        transpose16(tile);
+        const int64_t jn = tn - c * 16 < 16 ? tn - c * 16 : 16;
+        for (int64_t j = 0; j < jn; j++) {
+            const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(tile[j], offset));
+            float *out = y + (t0 + c * 16 + j) * R + r0;
+            const __m512 o = _mm512_fmadd_ps(v, scale, shift);
+            _mm512_mask_storeu_ps(out, m, L->activation == ACT_GELU ? gelu_erf16(o) : o);
+        }
     }
 #else
     for (int64_t j = 0; j < tn; j++) {
@@ -136,16 +281,17 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, int64_t R, const 
         for (int64_t i = 0; i < rn; i++) {
             int32_t s = acc[i][PARTIAL * j];
             if (PARTIAL == 2) s += acc[i][PARTIAL * j + 1];
-            out[i] = (float)(s - out_offset[r0 + i]) * out_scale[r0 + i] + bias[r0 + i];
+            out[i] = (float)(s - L->out_offset[r0 + i]) * L->out_scale[r0 + i] + L->bias[r0 + i];
         }
+        activate(out, rn, L->activation);
     }
 #endif
 }
 
-/* y[T, R] = Linear of x[T, K] (both float32, row-major). Returns 0, or 1 if the scratch could not be allocated. */
-int pofa_sparse_int8_linear(const float *x, int64_t T, int64_t K, float scale, float zero_point, float qmax,
-                            const int64_t *row_ptr, const int32_t *group, const int32_t *word, int64_t R,
-                            const float *out_scale, const int32_t *out_offset, const float *bias, float *y) {
+/* y[T, L->rows] = the Linear L of x[T, L->in_features] (both float32, row-major), then its activation. Returns 0,
+ * or 1 if the scratch could not be allocated. */
+int pofa_sparse_int8_linear(const float *x, int64_t T, const pofa_linear_t *L, float *y) {
+    const int64_t K = L->in_features, R = L->rows;
     const int64_t G = (K + 3) / 4, n_tb = (T + TB - 1) / TB, n_rb = (R + RB - 1) / RB;
     const int64_t n_chunks = (G + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK;
     size_t bytes = (size_t)(n_tb * G * TB * 4);
@@ -159,13 +305,13 @@ int pofa_sparse_int8_linear(const float *x, int64_t T, int64_t K, float scale, f
             for (int64_t c = 0; c < n_chunks; c++) {
                 const int64_t g0 = c * GROUPS_PER_CHUNK;
                 const int64_t g1 = g0 + GROUPS_PER_CHUNK < G ? g0 + GROUPS_PER_CHUNK : G;
-                quantize_chunk(x, T, K, scale, zero_point, qmax, xq, tb, g0, g1);
+                quantize_chunk(x, T, K, L->scale, L->zero_point, L->qmax, xq, tb, g0, g1);
             }
         /* (implicit barrier) dynamic: a thread preempted by another process does not hold the others up */
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int64_t tb = 0; tb < n_tb; tb++)
             for (int64_t rb = 0; rb < n_rb; rb++)
-                row_block(xq, G, T, R, row_ptr, group, word, out_scale, out_offset, bias, y, rb, tb);
+                row_block(xq, G, T, L, y, rb, tb);
     }
     free(xq);
     return 0;

@@ -85,4 +85,4 @@ def test_qat_transfer_keeps_the_blocks_in_the_model_the_compact_file_onnx_and_th
     for name, module in linears.items():
         mask = locked[f"{name}.weight"]
         # One kernel group per kept block (a kept block's int8 weights may round to 0, never a pruned one's).
-        assert module.packed.group.numel() <= int(mask.sum()) // 4, name
+        assert module.groups <= int(mask.sum()) // 4, name

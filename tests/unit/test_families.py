@@ -161,3 +161,41 @@ def test_the_readme_table_lists_every_family_and_model_type():
             assert f"`{model_type}`" in rows[name], f"{model_type} missing from the {family.name} row"
         assert ("ids, mask, segments" in rows[name]) == ("token_type_ids" in family.input_names)
         assert rows[name].rstrip(" |").endswith("yes" if family.pooler else "no")
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_feed_forward_activation_pair_is_fused_by_the_sparse_int8_runtime(model_type):
+    # The pair names, in every block, a Linear whose output alone goes through the activation module: the runtime
+    # computes the GELU in the Linear's kernel call, drops the module, and still computes the QAT model's logits.
+    import copy
+
+    from pofa.runtime import SparseInt8Linear, compiler_available, sparse_int8_
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3))
+    family = family_of(model)
+    prefixes = sorted({name[:found.end()] for name, _ in model.named_modules()
+                       if (found := family.block_pattern.search(name))})
+    assert prefixes
+    if family.feed_forward_activation is None:
+        return
+    linear_name, activation_name = family.feed_forward_activation
+    for prefix in prefixes:
+        assert isinstance(model.get_submodule(prefix + linear_name), nn.Linear), prefix + linear_name
+        assert isinstance(model.get_submodule(prefix + activation_name), nn.Module), prefix + activation_name
+    if not compiler_available():
+        pytest.skip("no C compiler for the sparse int8 kernel")
+    prepare_qat_(model).train()
+    ids = torch.randint(5, 90, (3, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    model.eval()
+    runtime = sparse_int8_(copy.deepcopy(model))
+    for prefix in prefixes:
+        assert runtime.get_submodule(prefix + linear_name).activation == "gelu"
+        assert type(runtime.get_submodule(prefix + activation_name)) is nn.Identity
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        got = runtime(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    assert sum(isinstance(m, SparseInt8Linear) for m in runtime.modules()) == len(qat_modules(model))

@@ -4,6 +4,8 @@ assertions, ever)."""
 from __future__ import annotations
 
 import copy
+import gc
+import pickle
 
 import pytest
 import torch
@@ -167,6 +169,102 @@ def test_sparse_int8_kernel_sums_exactly_the_reference_integers(arch, tokens, in
     got = SparseInt8Linear(packed, sparse_int8_kernel(arch))(x.float())
     expected = x.to(torch.int64) @ q.to(torch.int64).T
     assert torch.equal(got.to(torch.int64), expected) and torch.equal(got, expected.float())
+
+
+@needs_compiler
+@pytest.mark.parametrize("arch", _isa_paths())
+def test_the_fused_gelu_is_the_gelu_of_the_linears_output(arch):
+    import torch.nn.functional as F
+
+    from pofa.quant.qat import ActivationQuant
+    from pofa.runtime import SparseInt8Linear, pack_sparse_int8, sparse_int8_kernel
+    from pofa.runtime.int8 import concat_packed
+
+    g = torch.Generator().manual_seed(0)
+    q = (torch.randint(-127, 128, (40, 48), generator=g) * (torch.rand(40, 48, generator=g) >= 0.9)).to(torch.int8)
+    packed = pack_sparse_int8(q, torch.full((40,), 0.02), ActivationQuant(0.05, 128, 8), torch.randn(40, generator=g))
+    kernel = sparse_int8_kernel(arch)
+    plain, fused = SparseInt8Linear(packed, kernel), SparseInt8Linear(packed, kernel, activation="gelu")
+    x = torch.randn(70, 48, generator=g) * 4  # outputs from about -10 to 10: both tails of erf, the clamp of exp
+    with torch.no_grad():
+        linear_out = plain(x)
+        torch.testing.assert_close(fused(x), F.gelu(linear_out), rtol=0, atol=2e-6 * float(linear_out.abs().max()))
+    assert float(linear_out.min()) < -5 and float(linear_out.max()) > 5
+    with pytest.raises(ValueError, match="activation 'relu'"):
+        SparseInt8Linear(packed, kernel, activation="relu")
+    other = pack_sparse_int8(torch.zeros(4, 48, dtype=torch.int8), torch.ones(4), ActivationQuant(0.5, 3, 8))
+    with pytest.raises(ValueError, match="activation quantization"):
+        concat_packed([packed, other])
+
+
+@needs_compiler
+def test_linears_sharing_an_input_compute_each_ones_own_output_in_any_call_order():
+    from pofa.runtime import SparseInt8Linear, sparse_int8_kernel
+    from pofa.runtime.int8 import SharedInputLinears, concat_packed, pack_qat
+
+    torch.manual_seed(0)
+    holder = nn.ModuleDict({name: pruned_linear(48, rows, 0.9) for name, rows in [("q", 40), ("k", 40), ("v", 24)]})
+    from pofa.quant import QATConfig, prepare_qat_
+
+    prepare_qat_(holder, QATConfig(), filter_fn=lambda m, fqn: True).train()
+    x0 = torch.randn(64, 48)
+    with torch.no_grad():
+        for linear in holder.values():
+            linear(x0)  # the observers see the same input, as attention's query, key and value do
+    holder.eval()
+    kernel = sparse_int8_kernel()
+    alone = {name: SparseInt8Linear(pack_qat(fq), kernel) for name, fq in holder.items()}
+    packed, start, members = concat_packed([pack_qat(fq) for fq in holder.values()]), 0, {}
+    for name, fq in holder.items():
+        members[name] = SparseInt8Linear(packed, kernel, rows=(start, start + fq.out_features))
+        start += fq.out_features
+    shared = SharedInputLinears(list(members.values()))
+    for member in members.values():
+        member.shared = shared
+
+    x, y = torch.randn(2, 9, 48), torch.randn(2, 9, 48)
+    with torch.no_grad():
+        expected = {name: module(x) for name, module in alone.items()}
+        for order in (["q", "k", "v"], ["v", "q", "k"], ["k", "k", "q", "v"]):
+            for name in order:
+                assert torch.equal(members[name](x), expected[name]), order
+        # another tensor, then the pending outputs of the first are not handed out for it
+        assert torch.equal(members["q"](x), expected["q"])
+        assert torch.equal(members["k"](y), alone["k"](y))
+        assert torch.equal(members["v"](y), alone["v"](y))
+        # a tensor changed in place since its first call is computed again (outside inference mode)
+        members["q"](x)
+        x.add_(1.0)
+        assert torch.equal(members["k"](x), alone["k"](x))
+    with torch.inference_mode():
+        z = torch.randn(5, 48)
+        assert all(torch.equal(members[n](z), alone[n](z)) for n in ("v", "k", "q"))
+
+
+@needs_compiler
+def test_sparse_int8_fuses_attentions_inputs_and_the_feed_forward_gelu():
+    from pofa.runtime import SparseInt8Linear, sparse_int8_
+
+    qat = tiny_qat_classifier()
+    fused = sparse_int8_(copy.deepcopy(qat))
+    unfused = sparse_int8_(copy.deepcopy(qat), fuse=False)
+    for layer in fused.bert.encoder.layer:
+        attention = layer.attention.self
+        assert attention.query.shared is not None and attention.query.shared is attention.value.shared
+        assert attention.key.shared is attention.query.shared and layer.attention.output.dense.shared is None
+        assert layer.intermediate.dense.activation == "gelu" and type(layer.intermediate.intermediate_act_fn) is nn.Identity
+    assert not any(m.shared or m.activation for m in unfused.modules() if isinstance(m, SparseInt8Linear))
+    with torch.no_grad():
+        expected = qat(**padded_batch()).logits
+        for runtime in (fused, unfused):
+            torch.testing.assert_close(runtime(**padded_batch()).logits, expected, rtol=1e-4, atol=1e-4)
+        # a deep copy points its kernel at its own packed weights: it outlives the original; so does a pickled one
+        got = fused(**padded_batch()).logits
+        copied, pickled = copy.deepcopy(fused), pickle.dumps(fused)
+        del fused
+        gc.collect()
+        assert torch.equal(copied(**padded_batch()).logits, got)
+        assert torch.equal(pickle.loads(pickled)(**padded_batch()).logits, got)
 
 
 @needs_compiler
