@@ -8,12 +8,14 @@ Pruning, masks, QAT, the compact format, ONNX export, the sparse runtime and the
     family.masked_logits(mlm_model, hidden)      # vocabulary logits of selected hidden states
     family.input_names                           # what the tokenizer gives and the model reads (ONNX inputs)
     family.is_encoder_linear(fqn)                # QAT, compact and the sparse runtime act on these modules
+    family.feed_forward_activation, .bert_blocks # what the sparse int8 runtime may fuse
 
 Adding a family is one entry in ``FAMILIES`` plus its model type in tests/_tiny_families.py (``MODEL_TYPES``, and
 ``tiny_config`` if its config needs more than the common sizes) and its Linear count per block in
 tests/unit/test_families.py. Those tests then check, on a tiny random config, that the targets are exactly the Linear
 layers of the encoder blocks, that the masked logits equal the model's own, which inputs it reads, what QAT
-quantizes, the pooler, and the whole pipeline end to end (tests/integration/test_families.py).
+quantizes, the pooler, what the sparse int8 runtime fuses, and the whole pipeline end to end
+(tests/integration/test_families.py).
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ class ModelFamily:
     """(Linear, activation module), by name inside a block, where the model applies the activation to that Linear's
     output and to nothing else: the sparse int8 runtime computes the activation in the Linear's kernel call (GELU)
     and drops the module. None: the family has no such pair (a gated feed-forward)."""
+    bert_blocks: bool = False
+    """Whether each block computes exactly BERT's post-LayerNorm layer under BERT's module names (attention.self.
+    query/key/value, scaled dot-product attention, attention.output.dense + residual -> attention.output.LayerNorm,
+    intermediate.dense + activation, output.dense + residual -> output.LayerNorm): the sparse int8 runtime then runs
+    the block as one short function of its modules instead of the model's own forward (fewer calls)."""
     notes: str = ""
     """What differs from BERT, for the reader of the family table."""
 
@@ -118,15 +125,17 @@ class ModelFamily:
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
-    ModelFamily("BERT", ("bert",), _BERT_BLOCKS, _modules("cls")),
+    ModelFamily("BERT", ("bert",), _BERT_BLOCKS, _modules("cls"), bert_blocks=True),
     ModelFamily("RoBERTa", ("roberta", "xlm-roberta", "camembert"), _BERT_BLOCKS, _modules("lm_head"),
-                input_names=_WITHOUT_SEGMENTS, notes="one segment type: its tokenizers give no token_type_ids"),
+                input_names=_WITHOUT_SEGMENTS, bert_blocks=True,
+                notes="one segment type: its tokenizers give no token_type_ids"),
     ModelFamily("DistilBERT", ("distilbert",), r"(^|\.)transformer\.layer\.\d+\.",
                 _modules("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector"),
                 input_names=_WITHOUT_SEGMENTS, pooler=None, feed_forward_activation=("ffn.lin1", "ffn.activation"),
                 notes="attention q_lin/k_lin/v_lin/out_lin, feed-forward lin1/lin2; no segments, no pooler"),
     ModelFamily("ELECTRA", ("electra",), _BERT_BLOCKS, _modules("generator_predictions", "generator_lm_head"),
-                pooler=None, notes="embeddings_project (embedding size to hidden size) is not in a block: dense"),
+                pooler=None, bert_blocks=True,
+                notes="embeddings_project (embedding size to hidden size) is not in a block: dense"),
     ModelFamily("DeBERTa-v2", ("deberta-v2",), _BERT_BLOCKS, _deberta_logits, pooler=None,
                 notes="query_proj/key_proj/value_proj (and pos_*_proj when attention keys are not shared); "
                       "the relative-position embeddings are not in a block: dense; the pooler belongs to the task "

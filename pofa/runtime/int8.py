@@ -115,7 +115,8 @@ def concat_packed(parts: list[PackedSparseInt8]) -> PackedSparseInt8:
     return PackedSparseInt8(
         row_ptr=torch.cat([first.row_ptr[:1]] + [part.row_ptr[1:] + offsets[i] for i, part in enumerate(parts)]),
         group=torch.cat([part.group for part in parts]), word=torch.cat([part.word for part in parts]),
-        out_scale=torch.cat([part.out_scale for part in parts]), out_offset=torch.cat([part.out_offset for part in parts]),
+        out_scale=torch.cat([part.out_scale for part in parts]),
+        out_offset=torch.cat([part.out_offset for part in parts]),
         bias=torch.cat([part.bias for part in parts]), in_features=first.in_features, activation=first.activation,
     )
 
@@ -151,10 +152,14 @@ class SparseInt8Linear(nn.Module):
         """The int8 form of a trained fake-quant Linear: its current weight scales and activation observer."""
         return cls(pack_qat(module), kernel)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """The Linear of ``x`` (then its fused activation); ``residual`` (the output's shape) added in the same call."""
         if self.shared is not None:
+            if residual is not None:
+                raise ValueError("SparseInt8Linear: a Linear that shares its input computes no residual")
             return self.shared(self, x)
-        return run_sparse_int8(self.kernel, self._params.of(self.packed), x, self.in_features, self.out_features)
+        return run_sparse_int8(self.kernel, self._params.of(self.packed), x, self.in_features, self.out_features,
+                               residual)
 
     @property
     def groups(self) -> int:
@@ -210,14 +215,23 @@ class _KernelParams:
 
 
 def run_sparse_int8(kernel: SparseInt8Kernel, params: LinearParams, x: Tensor, in_features: int,
-                    out_features: int) -> Tensor:
-    """One kernel call: ``x [..., in_features]`` (any float dtype or device) -> ``[..., out_features]``, x's dtype."""
+                    out_features: int, residual: Tensor | None = None) -> Tensor:
+    """One kernel call: ``x [..., in_features]`` (any float dtype or device) -> ``[..., out_features]``, x's dtype;
+    ``residual`` (same shape as the output) is added in the call."""
     lead = x.shape[:-1]
     x2 = x.detach().reshape(-1, in_features)
     if x2.dtype != torch.float32 or x2.device.type != "cpu" or not x2.is_contiguous():
         x2 = x2.to(device="cpu", dtype=torch.float32).contiguous()
+    skip = None
+    if residual is not None:
+        if residual.shape != (*lead, out_features):
+            raise ValueError(f"SparseInt8Linear: residual of shape {tuple(residual.shape)} for an output of shape "
+                             f"{(*lead, out_features)}")
+        skip = residual.detach().reshape(-1, out_features).to(device="cpu", dtype=torch.float32).contiguous()
     y = torch.empty(x2.shape[0], out_features)
-    if kernel.linear(x2.data_ptr(), x2.shape[0], ctypes.byref(params), y.data_ptr()) != 0:
+    status = kernel.linear(x2.data_ptr(), x2.shape[0], ctypes.byref(params), None if skip is None else skip.data_ptr(),
+                           y.data_ptr())
+    if status != 0:
         raise MemoryError(f"SparseInt8Linear: the kernel could not allocate its activation buffer ({tuple(x.shape)})")
     y = y.reshape(*lead, out_features)
     return y if x.dtype == torch.float32 else y.to(x.dtype)
@@ -241,6 +255,12 @@ class SharedInputLinears:
         # so that a call from another thread replacing it cannot pair one input with another's outputs
         self._pending: tuple[Tensor | None, int, dict[int, Tensor]] = (None, 0, {})
 
+    def stacked(self, x: Tensor) -> Tensor:
+        """Every member's output of ``x``, side by side in member order: ``[..., sum of out_features]``."""
+        first = self.members[0]
+        return run_sparse_int8(first.kernel, self._params.of(first.packed), x, first.in_features,
+                               self.rows[1] - self.rows[0])
+
     def __call__(self, member: SparseInt8Linear, x: Tensor) -> Tensor:
         position = next(i for i, m in enumerate(self.members) if m is member)
         last_input, version, outputs = self._pending
@@ -250,9 +270,7 @@ class SharedInputLinears:
                 if not outputs:
                     self._pending = (None, 0, {})  # every output handed out: hold no tensor until the next call
                 return out
-        first = self.members[0]
-        y = run_sparse_int8(first.kernel, self._params.of(first.packed), x, first.in_features,
-                            self.rows[1] - self.rows[0])
+        y = self.stacked(x)
         outputs = {i: y[..., m.rows[0] - self.rows[0]:m.rows[1] - self.rows[0]] for i, m in enumerate(self.members)}
         out = outputs.pop(position)
         self._pending = (x, _version(x), outputs)
@@ -277,7 +295,8 @@ def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None, *, fu
     ``fuse`` (default): Linears of one module that quantize their input alike (attention's query, key and value)
     run as one :class:`SharedInputLinears`, and the feed-forward GELU of the model's family
     (:attr:`pofa.families.ModelFamily.feed_forward_activation`, erf GELU only) is computed in its Linear's call,
-    the activation module replaced by ``nn.Identity``. Both compute what the unfused modules compute.
+    the activation module replaced by ``nn.Identity``; blocks of BERT's layout then run as one short function
+    (:mod:`pofa.runtime.blocks`, residuals added in the kernel calls). All compute what the unfused modules do.
     Raises if the model has no fake-quant Linear or an observer has seen no data.
     """
     modules = qat_modules(model)
@@ -308,6 +327,10 @@ def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None, *, fu
             plain = nn.Embedding(module.num_embeddings, module.embedding_dim, padding_idx=module.padding_idx,
                                  _weight=table.contiguous(), _freeze=True)
             _set_submodule(model, fqn, plain)
+    if fuse:
+        from pofa.runtime.blocks import short_bert_blocks_
+
+        short_bert_blocks_(model.eval())
     return model.eval()
 
 
@@ -316,13 +339,11 @@ def _fusable_activations(model: nn.Module, linears: Iterable[str]) -> dict[str, 
     activation is the erf GELU; nothing for a model of no registered family."""
     from transformers.activations import GELUActivation
 
-    from pofa.families import family_of, model_type_of
+    from pofa.families import UnknownFamilyError, family_of
 
-    if model_type_of(model) is None:
-        return {}
     try:
         pair = family_of(model).feed_forward_activation
-    except ValueError:  # no registered family: no fusion, the modules run as they are
+    except UnknownFamilyError:  # no registered family: no fusion, the modules run as they are
         return {}
     if pair is None:
         return {}

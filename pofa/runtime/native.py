@@ -26,7 +26,7 @@ import torch  # noqa: F401  (loaded first on purpose: the kernel then binds to t
 __all__ = ["NativeKernelError", "LinearParams", "SparseInt8Kernel", "sparse_int8_kernel", "compiler_available"]
 
 SOURCE = Path(__file__).with_name("sparse_int8.c")
-_ABI = 2
+_ABI = 3
 # -fno-trapping-math: no FP exception is ever unmasked here, and without it GCC does not if-convert (so does not
 # vectorize) the branch-free clamps of the GELU epilogue on the AVX2 and portable paths; results are unchanged.
 _FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-fno-trapping-math")
@@ -142,7 +142,8 @@ def sparse_int8_kernel(arch: str = "native") -> SparseInt8Kernel:
         raise NativeKernelError(f"{path} is not the kernel this pofa expects (ABI); delete it to rebuild")
     lib.pofa_sparse_int8_isa.restype = ctypes.c_char_p
     linear = lib.pofa_sparse_int8_linear
-    linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(LinearParams), ctypes.c_void_p]
+    linear.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(LinearParams), ctypes.c_void_p,
+                       ctypes.c_void_p]
     linear.restype = ctypes.c_int
     return SparseInt8Kernel(linear, lib.pofa_sparse_int8_isa().decode(), lib.pofa_sparse_int8_token_block(), path,
                             arch)

@@ -13,8 +13,8 @@
  *    the weight word broadcast and the activations read contiguously; each weight word is loaded once per token
  *    block and the accumulators of a row's token block stay in registers.
  * 3. Dequantization and bias fused on the way out: y = (acc - zero_point * rowsum(W_q)) * (scale * w_scale) + b,
- *    then optionally the activation that follows the Linear in the model (GELU, erf form), so that it costs no
- *    extra pass over the output.
+ *    then optionally the activation that follows the Linear in the model (GELU, erf form) and a residual
+ *    (y += residual[T, R], a transformer block's skip connection), so that neither costs an extra pass.
  *
  * Three code paths, chosen at compile time by what -march=native enables: AVX-512 VNNI (16 tokens per
  * instruction), AVX2 (vpmaddwd on zero-extended activations: two partial sums per token, added at the end), and
@@ -121,7 +121,7 @@ static inline __m512 gelu_erf16(__m512 x) {
 }
 #endif
 
-int pofa_sparse_int8_abi(void) { return 2; }
+int pofa_sparse_int8_abi(void) { return 3; }
 const char *pofa_sparse_int8_isa(void) { return POFA_ISA; }
 int pofa_sparse_int8_token_block(void) { return TB; }
 
@@ -211,8 +211,8 @@ static inline void transpose16(__m512i r[16]) {
 #endif
 
 /* Rows [RB * rb, RB * rb + RB) x tokens of block tb. */
-static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear_t *L, float *y, int64_t rb,
-                      int64_t tb) {
+static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear_t *L, const float *residual,
+                      float *y, int64_t rb, int64_t tb) {
     int32_t acc[RB][TB * PARTIAL] __attribute__((aligned(64)));
     const uint8_t *block = xq + tb * G * TB * 4;
     const int64_t R = L->rows, r0 = rb * RB, rn = R - r0 < RB ? R - r0 : RB;
@@ -271,8 +271,10 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear
         for (int64_t j = 0; j < jn; j++) {
             const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(tile[j], offset));
             float *out = y + (t0 + c * 16 + j) * R + r0;
-            const __m512 o = _mm512_fmadd_ps(v, scale, shift);
-            _mm512_mask_storeu_ps(out, m, L->activation == ACT_GELU ? gelu_erf16(o) : o);
+            __m512 o = _mm512_fmadd_ps(v, scale, shift);
+            if (L->activation == ACT_GELU) o = gelu_erf16(o);
+            if (residual) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, residual + (t0 + c * 16 + j) * R + r0));
+            _mm512_mask_storeu_ps(out, m, o);
         }
     }
 #else
@@ -284,13 +286,15 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear
             out[i] = (float)(s - L->out_offset[r0 + i]) * L->out_scale[r0 + i] + L->bias[r0 + i];
         }
         activate(out, rn, L->activation);
+        if (residual)
+            for (int64_t i = 0; i < rn; i++) out[i] += residual[(t0 + j) * R + r0 + i];
     }
 #endif
 }
 
-/* y[T, L->rows] = the Linear L of x[T, L->in_features] (both float32, row-major), then its activation. Returns 0,
- * or 1 if the scratch could not be allocated. */
-int pofa_sparse_int8_linear(const float *x, int64_t T, const pofa_linear_t *L, float *y) {
+/* y[T, L->rows] = the Linear L of x[T, L->in_features] (both float32, row-major), then its activation, then
+ * + residual[T, L->rows] unless residual is NULL. Returns 0, or 1 if the scratch could not be allocated. */
+int pofa_sparse_int8_linear(const float *x, int64_t T, const pofa_linear_t *L, const float *residual, float *y) {
     const int64_t K = L->in_features, R = L->rows;
     const int64_t G = (K + 3) / 4, n_tb = (T + TB - 1) / TB, n_rb = (R + RB - 1) / RB;
     const int64_t n_chunks = (G + GROUPS_PER_CHUNK - 1) / GROUPS_PER_CHUNK;
@@ -311,7 +315,7 @@ int pofa_sparse_int8_linear(const float *x, int64_t T, const pofa_linear_t *L, f
 #pragma omp for collapse(2) schedule(dynamic, 1)
         for (int64_t tb = 0; tb < n_tb; tb++)
             for (int64_t rb = 0; rb < n_rb; rb++)
-                row_block(xq, G, T, L, y, rb, tb);
+                row_block(xq, G, T, L, residual, y, rb, tb);
     }
     free(xq);
     return 0;

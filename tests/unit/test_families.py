@@ -164,12 +164,14 @@ def test_the_readme_table_lists_every_family_and_model_type():
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_the_feed_forward_activation_pair_is_fused_by_the_sparse_int8_runtime(model_type):
+def test_the_sparse_int8_runtime_fuses_what_the_registry_says(model_type):
     # The pair names, in every block, a Linear whose output alone goes through the activation module: the runtime
-    # computes the GELU in the Linear's kernel call, drops the module, and still computes the QAT model's logits.
+    # computes the GELU in the Linear's kernel call, drops the module; blocks of BERT's layout run the short path;
+    # the runtime still computes the QAT model's logits.
     import copy
 
     from pofa.runtime import SparseInt8Linear, compiler_available, sparse_int8_
+    from pofa.runtime.blocks import ShortBertBlock
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_config(tiny_config(model_type, num_labels=3))
@@ -191,6 +193,9 @@ def test_the_feed_forward_activation_pair_is_fused_by_the_sparse_int8_runtime(mo
         model(input_ids=ids, attention_mask=torch.ones_like(ids))
     model.eval()
     runtime = sparse_int8_(copy.deepcopy(model))
+    short = [prefix for prefix in prefixes if isinstance(runtime.get_submodule(prefix[:-1]).__dict__.get("forward"),
+                                                         ShortBertBlock)]
+    assert short == (prefixes if family.bert_blocks else [])  # BERT's layout: every block on the short path
     for prefix in prefixes:
         assert runtime.get_submodule(prefix + linear_name).activation == "gelu"
         assert type(runtime.get_submodule(prefix + activation_name)) is nn.Identity

@@ -252,7 +252,8 @@ def test_sparse_int8_fuses_attentions_inputs_and_the_feed_forward_gelu():
         attention = layer.attention.self
         assert attention.query.shared is not None and attention.query.shared is attention.value.shared
         assert attention.key.shared is attention.query.shared and layer.attention.output.dense.shared is None
-        assert layer.intermediate.dense.activation == "gelu" and type(layer.intermediate.intermediate_act_fn) is nn.Identity
+        assert layer.intermediate.dense.activation == "gelu"
+        assert type(layer.intermediate.intermediate_act_fn) is nn.Identity
     assert not any(m.shared or m.activation for m in unfused.modules() if isinstance(m, SparseInt8Linear))
     with torch.no_grad():
         expected = qat(**padded_batch()).logits
@@ -265,6 +266,42 @@ def test_sparse_int8_fuses_attentions_inputs_and_the_feed_forward_gelu():
         gc.collect()
         assert torch.equal(copied(**padded_batch()).logits, got)
         assert torch.equal(pickle.loads(pickled)(**padded_batch()).logits, got)
+
+
+@needs_compiler
+def test_bert_blocks_run_the_short_path_with_the_models_arithmetic():
+    from pofa.runtime import sparse_int8_
+    from pofa.runtime.blocks import ShortBertBlock
+
+    qat = tiny_qat_classifier()
+    short = sparse_int8_(copy.deepcopy(qat))
+    blocks = list(short.bert.encoder.layer)
+    assert all(isinstance(block.__dict__.get("forward"), ShortBertBlock) for block in blocks)
+    modules = copy.deepcopy(short)
+    for block in modules.bert.encoder.layer:
+        del block.forward  # back to BertLayer.forward over the same runtime modules
+    calls = []
+    for block in blocks:
+        block.attention.register_forward_hook(lambda *args: calls.append(1))  # runs only on the model's own forward
+    batch = padded_batch()
+    with torch.no_grad():
+        got, expected = short(**batch, output_hidden_states=True), modules(**batch, output_hidden_states=True)
+        assert not calls
+        assert torch.equal(got.logits, expected.logits)  # the same operations in the same order
+        assert len(got.hidden_states) == 3
+        assert all(torch.equal(a, b) for a, b in zip(got.hidden_states, expected.hidden_states))
+        torch.testing.assert_close(got.logits, qat(**batch).logits, rtol=1e-4, atol=1e-4)
+        # attention weights asked for: the model's own forward (eager attention, so that there are some to return)
+        short.config._attn_implementation = modules.config._attn_implementation = "eager"
+        with_attentions = short(**batch, output_attentions=True)
+        assert len(calls) == 2 and len(with_attentions.attentions) == 2
+        torch.testing.assert_close(with_attentions.logits, expected.logits, rtol=1e-5, atol=1e-5)
+        calls.clear()
+        torch.testing.assert_close(short(**batch).logits, expected.logits, rtol=1e-5, atol=1e-5)
+        assert not calls  # eager attention (an additive mask) is covered too: scaled dot-product attention agrees
+        short.train()
+        short(**batch)
+        assert len(calls) == 2  # training mode: the model's own forward
 
 
 @needs_compiler
