@@ -198,6 +198,22 @@ def test_the_fused_gelu_is_the_gelu_of_the_linears_output(arch):
 
 
 @needs_compiler
+@pytest.mark.parametrize("arch", _isa_paths())
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_the_residual_is_added_in_the_call(arch, activation):
+    from pofa.runtime import SparseInt8Linear, sparse_int8_kernel
+    from pofa.runtime.int8 import pack_qat
+
+    fq = qat_linear(50, 33)  # rows not a multiple of 16: the masked tail of the epilogue
+    linear = SparseInt8Linear(pack_qat(fq), sparse_int8_kernel(arch), activation=activation)
+    x, residual = torch.randn(3, 70, 50), torch.randn(3, 70, 33)
+    with torch.no_grad():
+        assert torch.equal(linear(x, residual=residual), linear(x) + residual)  # the same float addition
+        with pytest.raises(ValueError, match="residual of shape"):
+            linear(x, residual=residual[:, :5])
+
+
+@needs_compiler
 def test_linears_sharing_an_input_compute_each_ones_own_output_in_any_call_order():
     from pofa.runtime import SparseInt8Linear, sparse_int8_kernel
     from pofa.runtime.int8 import SharedInputLinears, concat_packed, pack_qat
