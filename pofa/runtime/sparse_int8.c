@@ -210,51 +210,76 @@ static inline void transpose16(__m512i r[16]) {
 }
 #endif
 
+/* One row's sums over its kept groups for the first nv vectors of a token block (nv is a constant at every call
+ * site, so that the accumulators stay in registers): a block with fewer real tokens than TB (a short batch) skips
+ * the vectors that hold only padding. */
+#if POFA_PATH == 3
+static inline __attribute__((always_inline)) void row_sums(const uint8_t *block, int64_t p0, int64_t p1,
+                                                           const int32_t *group, const int32_t *word, int32_t *out,
+                                                           const int nv) {
+    __m512i a[TB / 16];
+    for (int v = 0; v < nv; v++) a[v] = _mm512_setzero_si512();
+    for (int64_t p = p0; p < p1; p++) {
+        const __m512i w = _mm512_set1_epi32(word[p]);
+        const uint8_t *xg = block + (int64_t)group[p] * TB * 4;
+        for (int v = 0; v < nv; v++)
+            a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void *)(xg + v * 64)), w);
+    }
+    for (int v = 0; v < nv; v++) _mm512_store_si512((void *)(out + v * 16), a[v]);
+}
+#elif POFA_PATH == 2
+static inline __attribute__((always_inline)) void row_sums(const uint8_t *block, int64_t p0, int64_t p1,
+                                                           const int32_t *group, const int32_t *word, int32_t *out,
+                                                           const int nv) {
+    __m256i a[TB / 4];
+    for (int v = 0; v < nv; v++) a[v] = _mm256_setzero_si256();
+    for (int64_t p = p0; p < p1; p++) {
+        /* the 4 weights as int16, twice per 128-bit lane: (w0 w1)(w2 w3) pairs meet each token's 4 features */
+        const __m256i w = _mm256_cvtepi8_epi16(_mm_set1_epi32(word[p]));
+        const uint8_t *xg = block + (int64_t)group[p] * TB * 4;
+        for (int v = 0; v < nv; v++) {
+            const __m256i xv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(xg + v * 16)));
+            a[v] = _mm256_add_epi32(a[v], _mm256_madd_epi16(xv, w));
+        }
+    }
+    for (int v = 0; v < nv; v++) _mm256_store_si256((__m256i *)(out + v * 8), a[v]);
+}
+#endif
+
 /* Rows [RB * rb, RB * rb + RB) x tokens of block tb. */
 static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear_t *L, const float *residual,
                       float *y, int64_t rb, int64_t tb) {
     int32_t acc[RB][TB * PARTIAL] __attribute__((aligned(64)));
     const uint8_t *block = xq + tb * G * TB * 4;
     const int64_t R = L->rows, r0 = rb * RB, rn = R - r0 < RB ? R - r0 : RB;
+    const int64_t t0 = tb * TB, tn = T - t0 < TB ? T - t0 : TB;
     const int64_t *row_ptr = L->row_ptr;
     const int32_t *group = L->group, *word = L->word;
     for (int64_t i = 0; i < rn; i++) {
-        const int64_t r = r0 + i;
+        const int64_t p0 = row_ptr[r0 + i], p1 = row_ptr[r0 + i + 1];
 #if POFA_PATH == 3
-        __m512i a[TB / 16];
-        for (int v = 0; v < TB / 16; v++) a[v] = _mm512_setzero_si512();
-        for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; p++) {
-            const __m512i w = _mm512_set1_epi32(word[p]);
-            const uint8_t *xg = block + (int64_t)group[p] * TB * 4;
-            for (int v = 0; v < TB / 16; v++)
-                a[v] = _mm512_dpbusd_epi32(a[v], _mm512_loadu_si512((const void *)(xg + v * 64)), w);
+        switch ((tn + 15) / 16) { /* TB = 64: 1 to 4 vectors of 16 tokens */
+        case 1: row_sums(block, p0, p1, group, word, acc[i], 1); break;
+        case 2: row_sums(block, p0, p1, group, word, acc[i], 2); break;
+        case 3: row_sums(block, p0, p1, group, word, acc[i], 3); break;
+        default: row_sums(block, p0, p1, group, word, acc[i], TB / 16);
         }
-        for (int v = 0; v < TB / 16; v++) _mm512_store_si512((void *)(acc[i] + v * 16), a[v]);
 #elif POFA_PATH == 2
-        __m256i a[TB / 4];
-        for (int v = 0; v < TB / 4; v++) a[v] = _mm256_setzero_si256();
-        for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; p++) {
-            /* the 4 weights as int16, twice per 128-bit lane: (w0 w1)(w2 w3) pairs meet each token's 4 features */
-            const __m256i w = _mm256_cvtepi8_epi16(_mm_set1_epi32(word[p]));
-            const uint8_t *xg = block + (int64_t)group[p] * TB * 4;
-            for (int v = 0; v < TB / 4; v++) {
-                const __m256i xv = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(xg + v * 16)));
-                a[v] = _mm256_add_epi32(a[v], _mm256_madd_epi16(xv, w));
-            }
-        }
-        for (int v = 0; v < TB / 4; v++) _mm256_store_si256((__m256i *)(acc[i] + v * 8), a[v]);
+        const int64_t vectors = (tn + 3) / 4; /* TB = 32: 8 vectors of 4 tokens; 2, 4 or all 8 of them */
+        if (vectors <= 2) row_sums(block, p0, p1, group, word, acc[i], 2);
+        else if (vectors <= 4) row_sums(block, p0, p1, group, word, acc[i], 4);
+        else row_sums(block, p0, p1, group, word, acc[i], TB / 4);
 #else
-        for (int j = 0; j < TB; j++) acc[i][j] = 0;
-        for (int64_t p = row_ptr[r]; p < row_ptr[r + 1]; p++) {
+        for (int j = 0; j < tn; j++) acc[i][j] = 0;
+        for (int64_t p = p0; p < p1; p++) {
             int8_t w[4];
             memcpy(w, &word[p], 4);
             const uint8_t *xg = block + (int64_t)group[p] * TB * 4;
-            for (int j = 0; j < TB; j++)
+            for (int j = 0; j < tn; j++)
                 acc[i][j] += w[0] * xg[4 * j] + w[1] * xg[4 * j + 1] + w[2] * xg[4 * j + 2] + w[3] * xg[4 * j + 3];
         }
 #endif
     }
-    const int64_t t0 = tb * TB, tn = T - t0 < TB ? T - t0 : TB;
 #if POFA_PATH == 3
     /* acc holds a token per lane, y a row per float: each 16 x 16 tile is transposed in registers so that a token's
      * RB outputs are one vector (dequantized, biased, activated, written with one store); the rows past rn are
