@@ -12,10 +12,11 @@ Each :class:`~pofa.quant.qat.FakeQuantLinear` becomes a :class:`SparseInt8Linear
 model's observer learned; uint8, per tensor), multiplied by the int8 weight's non-zeros with exact int32
 accumulation, and dequantized with the per-channel weight scales, bias added, in one call. The QAT model computes
 the same quantized values in float (fake-quant), so the two differ by float rounding only; the tests check the
-logits and the argmax on real rows. Two fusions (``sparse_int8_(..., fuse=True)``, the default) save passes over
-the activations: attention's query, key and value, which quantize the same input alike, run as one call
-(:class:`SharedInputLinears`), and the feed-forward GELU runs in its Linear's call. Everything else (embeddings,
-attention, LayerNorm, heads) is the transformers model's own torch code. Inference only.
+logits and the argmax on real rows. The fusions of ``sparse_int8_(..., fuse=True)`` (the default) save passes over
+the activations and Python calls: attention's query, key and value, which quantize the same input alike, run as
+one call (:class:`SharedInputLinears`); the feed-forward GELU runs in its Linear's call; blocks of BERT's layout
+run as one short function (:mod:`pofa.runtime.blocks`, residuals added in the kernel calls). Everything else
+(embeddings, attention, LayerNorm, heads) is the transformers model's own torch code. Inference only.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ from pofa.quant.qat import (
 )
 from pofa.runtime.native import LinearParams, SparseInt8Kernel, sparse_int8_kernel
 
-__all__ = ["PackedSparseInt8", "pack_sparse_int8", "SparseInt8Linear", "sparse_int8_", "without_fake_quant_"]
+__all__ = ["PackedSparseInt8", "SharedInputLinears", "SparseInt8Linear", "concat_packed", "pack_qat", "pack_sparse_int8",
+           "sparse_int8_", "without_fake_quant_"]
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,7 @@ class SparseInt8Linear(nn.Module):
 def pack_qat(module: FakeQuantLinear) -> PackedSparseInt8:
     """A trained fake-quant Linear packed for the kernel: its current weight scales and activation observer."""
     if not module.initialized:
-        raise ValueError("SparseInt8Linear.from_qat: the activation observer has seen no data; run QAT first")
+        raise ValueError("the fake-quant Linear's activation observer has seen no data; run QAT first")
     c = module.config
     scale = module.weight_scale()
     a_scale, a_zero = module.activation_qparams()
@@ -304,7 +306,13 @@ def sparse_int8_(model: nn.Module, kernel: SparseInt8Kernel | None = None, *, fu
         raise ValueError("sparse_int8_: the model has no fake-quant Linear; prepare it with pofa.quant.prepare_qat_ "
                          "and run QAT (or load a QAT folder with pofa.runtime.load_sparse_model)")
     kernel = kernel or sparse_int8_kernel()
-    packs = {fqn: pack_qat(m) for fqn, m in modules.items() if isinstance(m, FakeQuantLinear)}
+    packs = {}
+    for fqn, module in modules.items():
+        if isinstance(module, FakeQuantLinear):
+            try:
+                packs[fqn] = pack_qat(module)
+            except ValueError as exc:
+                raise ValueError(f"sparse_int8_: {fqn}: {exc}") from exc
     activations = _fusable_activations(model, packs) if fuse else {}
     for group in (_shared_input_groups(packs, activations) if fuse else []):
         packed, start, members = concat_packed([packs.pop(fqn) for fqn in group]), 0, []

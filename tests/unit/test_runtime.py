@@ -285,6 +285,18 @@ def test_sparse_int8_fuses_attentions_inputs_and_the_feed_forward_gelu():
 
 
 @needs_compiler
+def test_a_qat_model_whose_observers_saw_nothing_is_refused_naming_the_linear():
+    from transformers import BertForSequenceClassification
+
+    from pofa.quant import QATConfig, prepare_qat_
+    from pofa.runtime import sparse_int8_
+
+    model = prepare_qat_(BertForSequenceClassification(BertConfig(**TINY, num_labels=2)), QATConfig())
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.0\.attention\.self\.query: .*seen no data"):
+        sparse_int8_(model)
+
+
+@needs_compiler
 def test_bert_blocks_run_the_short_path_with_the_models_arithmetic():
     from pofa.runtime import sparse_int8_
     from pofa.runtime.blocks import ShortBertBlock
