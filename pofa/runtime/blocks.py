@@ -12,7 +12,8 @@ block a forward that calls the kernels and torch directly:
 It computes what the block's own forward computes with the runtime's modules (scaled dot-product attention with
 the mask the model built, the same LayerNorms, the same float additions), so the logits agree to float rounding.
 A call the short path does not cover runs the block's own forward: cross-attention or a cache (decoders), attention
-weights requested (``output_attentions``), training mode, or any other argument it does not know. Hooks on modules
+weights requested (``output_attentions``), training mode, an attention implementation other than ``sdpa`` or
+``eager``, or any other argument it does not know. Hooks on modules
 inside a block do not fire on the short path (the block's own hooks do, so ``output_hidden_states`` works);
 ``sparse_int8_(model, fuse=False)`` keeps every module's forward.
 """
@@ -31,6 +32,8 @@ __all__ = ["ShortBertBlock", "short_bert_blocks_"]
 # Arguments the encoder hands every block that the short path may ignore when they are None / False:
 # position ids are the embeddings' business, hidden states are recorded by a hook on the block itself.
 _IGNORED = frozenset({"position_ids", "output_hidden_states", "encoder_attention_mask", "cache"})
+# Attention implementations whose result scaled dot-product attention reproduces (eager: the same softmax in fp32).
+_ATTENTION = ("sdpa", "eager")
 
 
 class ShortBertBlock:
@@ -40,16 +43,21 @@ class ShortBertBlock:
     def __init__(self, block: nn.Module) -> None:
         self.block = block
 
+    def covers(self, hidden_states: Tensor, args: tuple, kwargs: dict[str, Any]) -> bool:
+        """Whether the short path computes this call as the block's own forward would."""
+        block = self.block
+        return (not block.training and hidden_states.dim() == 3 and all(a is None for a in args)
+                and all(v is None or v is False for k, v in kwargs.items() if k not in _IGNORED)
+                and kwargs.get("encoder_attention_mask") is None and kwargs.get("cache") is None
+                and block.attention.self.config._attn_implementation in _ATTENTION)
+
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any,
                  **kwargs: Any) -> Tensor:
         block = self.block
-        covered = (not block.training and hidden_states.dim() == 3 and all(a is None for a in args)
-                   and all(v is None or v is False for k, v in kwargs.items() if k not in _IGNORED)
-                   and kwargs.get("encoder_attention_mask") is None and kwargs.get("cache") is None)
-        if not covered:
+        if not self.covers(hidden_states, args, kwargs):
             return type(block).forward(block, hidden_states, attention_mask, *args, **kwargs)
         attention = block.attention.self
-        batch, length, width = hidden_states.shape
+        batch, length, _ = hidden_states.shape
         heads, head_size = attention.num_attention_heads, attention.attention_head_size
         qkv = attention.query.shared.stacked(hidden_states)
         q, k, v = qkv.view(batch, length, 3, heads, head_size).permute(2, 0, 3, 1, 4).unbind(0)
@@ -86,7 +94,6 @@ def _is_short_path_ready(block: nn.Module) -> bool:
             and isinstance(activation, nn.Identity) and all(isinstance(n, nn.LayerNorm) for n in norms)
             and not getattr(block, "is_decoder", False) and not hasattr(block, "crossattention")
             and not getattr(block, "chunk_size_feed_forward", 0)
-            and attention.config._attn_implementation in ("sdpa", "eager")
             and isinstance(getattr(attention, "scaling", None), float))
 
 
