@@ -29,9 +29,10 @@ from pofa.runtime.int8 import SparseInt8Linear
 
 __all__ = ["ShortBertBlock", "short_bert_blocks_"]
 
-# Arguments the encoder hands every block that the short path may ignore when they are None / False:
-# position ids are the embeddings' business, hidden states are recorded by a hook on the block itself.
-_IGNORED = frozenset({"position_ids", "output_hidden_states", "encoder_attention_mask", "cache"})
+# Arguments the short path ignores whatever their value (every other one must be None or False: an encoder
+# attention mask, a cache, attention weights asked for): position ids are the embeddings' business, hidden states
+# are recorded by a hook on the block itself.
+_IGNORED = frozenset({"position_ids", "output_hidden_states"})
 # Attention implementations whose result scaled dot-product attention reproduces (eager: the same softmax in fp32).
 _ATTENTION = ("sdpa", "eager")
 
@@ -48,7 +49,6 @@ class ShortBertBlock:
         block = self.block
         return (not block.training and hidden_states.dim() == 3 and all(a is None for a in args)
                 and all(v is None or v is False for k, v in kwargs.items() if k not in _IGNORED)
-                and kwargs.get("encoder_attention_mask") is None and kwargs.get("cache") is None
                 and block.attention.self.config._attn_implementation in _ATTENTION)
 
     def __call__(self, hidden_states: Tensor, attention_mask: Tensor | None = None, *args: Any,

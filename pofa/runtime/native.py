@@ -28,7 +28,7 @@ __all__ = ["NativeKernelError", "LinearParams", "SparseInt8Kernel", "sparse_int8
 SOURCE = Path(__file__).with_name("sparse_int8.c")
 _ABI = 3
 # -fno-trapping-math: no FP exception is ever unmasked here, and without it GCC does not if-convert (so does not
-# vectorize) the branch-free clamps of the GELU epilogue on the AVX2 and portable paths; results are unchanged.
+# vectorize) the branch-free clamps of the GELU epilogue; results are unchanged.
 _FLAGS = ("-O3", "-shared", "-fPIC", "-std=gnu11", "-fno-trapping-math")
 
 

@@ -81,45 +81,11 @@ static inline float gelu_erf(float x) {
     return 0.5f * x * (1.0f + (z < 0.0f ? -erf_a : erf_a));
 }
 
-#if POFA_PATH != 3
 static void activate(float *y, int64_t n, int activation) {
     if (activation == ACT_GELU)
         for (int64_t i = 0; i < n; i++) y[i] = gelu_erf(y[i]);
 }
-#endif
 
-#if POFA_PATH == 3
-/* gelu_erf on 16 lanes, the same formulas (with fused multiply-adds). */
-static inline __m512 gelu_erf16(__m512 x) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 z = _mm512_mul_ps(x, _mm512_set1_ps(0.70710678118654752f)), a = _mm512_abs_ps(z);
-    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
-    __m512 poly = _mm512_fmadd_ps(t, _mm512_set1_ps(1.061405429f), _mm512_set1_ps(-1.453152027f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(1.421413741f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(-0.284496736f));
-    poly = _mm512_fmadd_ps(poly, t, _mm512_set1_ps(0.254829592f));
-    poly = _mm512_mul_ps(poly, t);
-    /* exp(-a^2) */
-    const __m512 v = _mm512_max_ps(_mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), a), a), _mm512_set1_ps(-87.0f));
-    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), v);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 e = _mm512_set1_ps(1.9875691500e-4f);
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.3981999507e-3f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(8.3334519073e-3f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(4.1665795894e-2f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(1.6666665459e-1f));
-    e = _mm512_fmadd_ps(e, r, _mm512_set1_ps(5.0000001201e-1f));
-    e = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(e, r), r, r), one);
-    const __m512i two_n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23);
-    e = _mm512_mul_ps(e, _mm512_castsi512_ps(two_n));
-    const __m512 erf_a = _mm512_fnmadd_ps(poly, e, one);
-    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(z), _mm512_set1_epi32((int)0x80000000u));
-    const __m512 erf = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(erf_a), sign));
-    return _mm512_mul_ps(_mm512_mul_ps(x, _mm512_set1_ps(0.5f)), _mm512_add_ps(one, erf));
-}
-#endif
 
 int pofa_sparse_int8_abi(void) { return 3; }
 const char *pofa_sparse_int8_isa(void) { return POFA_ISA; }
@@ -297,7 +263,12 @@ static void row_block(const uint8_t *xq, int64_t G, int64_t T, const pofa_linear
             const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(tile[j], offset));
             float *out = y + (t0 + c * 16 + j) * R + r0;
             __m512 o = _mm512_fmadd_ps(v, scale, shift);
-            if (L->activation == ACT_GELU) o = gelu_erf16(o);
+            if (L->activation != ACT_NONE) { /* the one GELU of this file, which the compiler vectorizes */
+                float lane[16] __attribute__((aligned(64)));
+                _mm512_store_ps(lane, o);
+                activate(lane, 16, L->activation);
+                o = _mm512_load_ps(lane);
+            }
             if (residual) o = _mm512_add_ps(o, _mm512_maskz_loadu_ps(m, residual + (t0 + c * 16 + j) * R + r0));
             _mm512_mask_storeu_ps(out, m, o);
         }

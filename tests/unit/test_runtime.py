@@ -327,6 +327,15 @@ def test_bert_blocks_run_the_short_path_with_the_models_arithmetic():
         calls.clear()
         torch.testing.assert_close(short(**batch).logits, expected.logits, rtol=1e-5, atol=1e-5)
         assert not calls  # eager attention (an additive mask) is covered too: scaled dot-product attention agrees
+        hidden = torch.zeros(1, 3, 32)
+        route = short.bert.encoder.layer[0].forward
+        assert route.covers(hidden, (None,), {"cache": None, "position_ids": torch.arange(3)})
+        assert not route.covers(hidden, (hidden,), {})  # cross-attention
+        assert not route.covers(hidden, (), {"cache": object()})  # a decoder's cache
+        assert not route.covers(hidden, (), {"some_new_argument": 1})
+        short.config._attn_implementation = "flex_attention"  # an implementation SDPA does not stand for
+        assert not route.covers(hidden, (), {})
+        short.config._attn_implementation = "eager"
         short.train()
         short(**batch)
         assert len(calls) == 2  # training mode: the model's own forward
